@@ -1,0 +1,85 @@
+"""Backend registry: which lowerings exist, which can run here, and why not.
+
+Nothing here imports a framework; :func:`load` imports one backend module, which
+imports its framework. Each backend module (``numpy.py``, ``tinygrad.py``, ``mlx.py``,
+``torch.py``) mirrors the others: a ``Backend`` class with array I/O, parameter loading,
+``compile`` and the primitive set the plan walker calls (conv2d, batch_norm, relu,
+max_pool, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
+
+    >>> from portres import backends
+    >>> "numpy" in backends.available()
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+
+NAMES = ("numpy", "tinygrad", "mlx", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run here; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class _Requirement:
+    module: str  # top-level import the backend needs
+    extra: str | None  # pip extra of portres that installs it
+
+
+_REQUIREMENTS = {
+    "numpy": _Requirement("numpy", None),
+    "tinygrad": _Requirement("tinygrad", "tinygrad"),
+    "mlx": _Requirement("mlx", "mlx"),
+    "torch": _Requirement("torch", "torch"),
+}
+
+
+def install_hint(name: str) -> str:
+    extra = _REQUIREMENTS[name].extra
+    return f"pip install 'portres[{extra}]'" if extra else "pip install portres"
+
+
+def _distribution_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def unavailable_reason(name: str, device: str | None = None) -> str | None:
+    """Why backend ``name`` cannot run here (on ``device``), or ``None`` if it can."""
+    if name not in _REQUIREMENTS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(NAMES)}")
+    requirement = _REQUIREMENTS[name]
+    if requirement.module not in sys.modules and importlib.util.find_spec(requirement.module) is None:
+        return f"{requirement.module} is not installed: {install_hint(name)}"
+    if name == "mlx" and platform.system() == "Linux" and "mlx.core" not in sys.modules:
+        if not any(_distribution_installed(d) for d in ("mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13")):
+            return "mlx is installed without a Linux build of its core: pip install 'mlx[cpu]' (or 'portres[mlx]')"
+    if name == "tinygrad" and (device is None or device.upper().startswith("CPU")) \
+            and platform.system() != "Darwin" and shutil.which("clang") is None:
+        return ("tinygrad's CPU device compiles kernels with clang, which is not on PATH: "
+                "install it (Debian/Ubuntu: sudo apt-get install clang) or pick another device")
+    return None
+
+
+def available() -> list[str]:
+    """Backends that can run here, without importing any framework that is missing."""
+    return [name for name in NAMES if unavailable_reason(name) is None]
+
+
+def load(name: str, device: str | None = None):
+    """Import and return the backend module ``portres.backends.<name>``."""
+    reason = unavailable_reason(name, device)
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} cannot run: {reason}")
+    return importlib.import_module(f"{__name__}.{name}")

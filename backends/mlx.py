@@ -1,0 +1,197 @@
+"""MLX lowering: NHWC inside, forward wrapped in ``mx.compile``.
+
+Layouts: portres hands over NCHW activations and OIHW conv weights (torchvision's);
+MLX convolves NHWC activations with OHWI weights. Weights are transposed once when the
+model is built; activations at the model's edges only.
+
+On Linux the ``mlx[cpu]`` wheel links the reference (netlib) BLAS, ~50x slower than an
+optimized one. Its BLAS symbols resolve through the global scope, so loading OpenBLAS
+with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported makes MLX use it. This module does
+that on import and reports the outcome as ``info()["blas"]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import os
+import platform
+import sys
+
+import numpy as np
+
+
+def _load_optimized_blas() -> str:
+    """Load OpenBLAS globally before mlx.core; return a description of the BLAS MLX will use."""
+    if platform.system() == "Darwin":
+        return "Accelerate (macOS)"
+    if "mlx.core" in sys.modules:
+        return ("unknown: mlx.core was imported before portres.backends.mlx, so OpenBLAS could not be "
+                "preloaded (import portres.backends.mlx first)")
+    candidates = []
+    if os.environ.get("PORTRES_BLAS"):
+        candidates.append(os.environ["PORTRES_BLAS"])
+    try:  # cmeel-openblas, a dependency of portres[mlx] on Linux
+        files = importlib.metadata.files("cmeel-openblas") or []
+        candidates += [str(f.locate()) for f in files if f.name == "libopenblas.so.0"]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    candidates += [p for p in (ctypes.util.find_library("openblas"),) if p]
+    candidates += ["/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
+    failures = []
+    for path in dict.fromkeys(candidates):
+        try:
+            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as error:
+            failures.append(f"{path}: {error}")
+            continue
+        try:
+            library.openblas_get_config.restype = ctypes.c_char_p
+            config = library.openblas_get_config().decode()
+        except AttributeError:
+            config = "unknown config"
+        return f"OpenBLAS ({config}) from {path}"
+    fix = "pip install 'portres[mlx]'"
+    if any("libgfortran" in failure for failure in failures):
+        fix = "install the Fortran runtime OpenBLAS needs: sudo apt-get install libgfortran5"
+    detail = f" [{'; '.join(failures)}]" if failures else ""
+    return f"reference BLAS bundled with mlx (about 50x slower): {fix}{detail}"
+
+
+BLAS = _load_optimized_blas()
+
+try:
+    import mlx.core as mx
+except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
+    raise ImportError(f"the mlx backend needs MLX: pip install 'portres[mlx]' ({error})") from None
+
+NAME = "mlx"
+FOLD_BATCH_NORM = True
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def devices() -> list[str]:
+    return [kind for kind, device in (("cpu", mx.cpu), ("gpu", mx.gpu)) if mx.is_available(device)]
+
+
+def info() -> dict:
+    return {"framework": f"mlx {mx.__version__}", "devices": devices(),
+            "default_device": str(mx.default_device().type).split(".")[-1], "blas": BLAS}
+
+
+def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.ndarray:
+    """In-bounds pixels under each ceil-mode pooling window, shaped (1, H_out, W_out, 1)."""
+    def per_axis(n):
+        out = max(-(-(n - kernel_size) // stride), 0) + 1
+        starts = np.arange(out) * stride
+        return np.minimum(starts + kernel_size, n) - starts
+    return np.outer(per_axis(height), per_axis(width))[None, :, :, None]
+
+
+class Backend:
+    name = NAME
+
+    def __init__(self, device: str | None = None, dtype: str | None = None):
+        if device is None:
+            self._device = mx.default_device()
+        elif device in ("cpu", "gpu"):
+            self._device = mx.cpu if device == "cpu" else mx.gpu
+            if not mx.is_available(self._device):
+                raise ValueError(f"MLX device {device!r} is not available here; available: {', '.join(devices())}")
+        else:
+            raise ValueError(f"MLX devices are 'cpu' and 'gpu', not {device!r}")
+        self.device = "gpu" if self._device == mx.gpu else "cpu"
+        self.dtype = dtype or "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"MLX backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
+        self._dtype = DTYPES[self.dtype]
+
+    # -- arrays and parameters --
+
+    def from_numpy(self, x: np.ndarray):
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 4:
+            x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+        return mx.array(np.ascontiguousarray(x)).astype(self._dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        with mx.stream(self._device):
+            out = np.array(x.astype(mx.float32))
+        return out.transpose(0, 3, 1, 2) if out.ndim == 4 else out
+
+    def load_params(self, plan, params: dict) -> dict:
+        loaded = {}
+        for name, value in params.items():
+            if value.ndim == 4:
+                value = value.transpose(0, 2, 3, 1)  # OIHW -> OHWI
+            loaded[name] = mx.array(np.ascontiguousarray(value, np.float32)).astype(self._dtype)
+        mx.eval(loaded)
+        return loaded
+
+    def compile(self, forward):
+        compiled = mx.compile(forward)
+
+        def run(params, x):
+            with mx.stream(self._device):
+                out = compiled(params, x)
+                mx.eval(out)
+            return out
+
+        return run
+
+    def synchronize(self) -> None:
+        mx.synchronize()
+
+    # -- primitives (NHWC) --
+
+    def conv2d(self, x, weight, bias, stride, padding, groups):
+        y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
+        return y if bias is None else y + bias
+
+    def batch_norm(self, x, weight, bias, mean, var, eps):
+        scale = weight * mx.rsqrt(var + eps)
+        return x * scale + (bias - mean * scale)
+
+    def relu(self, x):
+        return mx.maximum(x, 0)
+
+    def _windows(self, x, kernel_size, stride, out_h, out_w):
+        # every (i, j) offset of the window as one strided slice: pooling = reduce over k*k slices
+        for i in range(kernel_size):
+            for j in range(kernel_size):
+                yield x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+
+    def max_pool(self, x, kernel_size, stride, padding):
+        if padding:
+            x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)], constant_values=-float("inf"))
+        out_h = (x.shape[1] - kernel_size) // stride + 1
+        out_w = (x.shape[2] - kernel_size) // stride + 1
+        result = None
+        for window in self._windows(x, kernel_size, stride, out_h, out_w):
+            result = window if result is None else mx.maximum(result, window)
+        return result
+
+    def avg_pool(self, x, kernel_size, stride):
+        height, width = x.shape[1:3]
+        counts = _pool_counts(height, width, kernel_size, stride)
+        out_h, out_w = counts.shape[1:3]
+        pad_h, pad_w = (out_h - 1) * stride + kernel_size - height, (out_w - 1) * stride + kernel_size - width
+        x = mx.pad(x, [(0, 0), (0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)])
+        total = sum(self._windows(x, kernel_size, stride, out_h, out_w))
+        return total / mx.array(counts.astype(np.float32)).astype(x.dtype)
+
+    def subsample(self, x, stride):
+        return x[:, ::stride, ::stride, :]
+
+    def pad_channels(self, x, before, after):
+        return mx.pad(x, [(0, 0), (0, 0), (0, 0), (before, after)])
+
+    def add(self, x, y):
+        return x + y
+
+    def global_avg_pool(self, x):
+        return mx.mean(x, axis=(1, 2))
+
+    def linear(self, x, weight, bias):
+        return x @ weight.T + bias

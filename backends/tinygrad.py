@@ -1,0 +1,111 @@
+"""tinygrad lowering: NCHW Tensors on any tinygrad device, forward captured by TinyJit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+
+try:
+    from tinygrad import Device, Tensor, TinyJit, dtypes
+    from tinygrad.device import ALL_DEVICES
+except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
+    raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
+
+NAME = "tinygrad"
+FOLD_BATCH_NORM = True  # one conv kernel with a bias instead of conv + a BN pass
+DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}
+
+
+def devices() -> list[str]:
+    return list(Device.get_available_devices())
+
+
+def info() -> dict:
+    return {"framework": f"tinygrad {importlib.metadata.version('tinygrad')}", "devices": devices(),
+            "default_device": Device.DEFAULT}
+
+
+def _open_device(device: str | None) -> str:
+    name = Device.canonicalize(device)
+    if name.split(":")[0] not in ALL_DEVICES:
+        raise ValueError(f"unknown tinygrad device {device!r}; tinygrad knows {', '.join(ALL_DEVICES)}")
+    try:
+        Device[name]
+    except Exception as error:  # noqa: BLE001 - tinygrad raises many kinds here; all mean "not usable"
+        raise ValueError(f"tinygrad device {name} is not usable here ({type(error).__name__}: {error}); "
+                         f"usable: {', '.join(devices()) or 'none'}") from None
+    return name
+
+
+class Backend:
+    name = NAME
+
+    def __init__(self, device: str | None = None, dtype: str | None = None):
+        self.device = _open_device(device)
+        self.dtype = dtype or "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
+        self._dtype = DTYPES[self.dtype]
+        if self._dtype not in Device[self.device].renderer.supported_dtypes():
+            raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
+
+    # -- arrays and parameters --
+
+    def from_numpy(self, x: np.ndarray) -> Tensor:
+        return Tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device).cast(self._dtype).realize()
+
+    def to_numpy(self, x: Tensor) -> np.ndarray:
+        return x.cast(dtypes.float32).numpy()
+
+    def load_params(self, plan, params: dict) -> dict:
+        return {name: Tensor(np.ascontiguousarray(value, np.float32), device=self.device).cast(self._dtype).realize()
+                for name, value in params.items()}
+
+    def compile(self, forward):
+        # TinyJit replays kernels for one input shape, so keep one capture per shape.
+        captures: dict[tuple, TinyJit] = {}
+
+        def run(params, x: Tensor) -> Tensor:
+            key = (x.shape, x.dtype)
+            if key not in captures:
+                captures[key] = TinyJit(lambda image: forward(params, image).realize())
+            return captures[key](x)
+
+        return run
+
+    def synchronize(self) -> None:
+        Device[self.device].synchronize()
+
+    # -- primitives (NCHW) --
+
+    def conv2d(self, x, weight, bias, stride, padding, groups):
+        return x.conv2d(weight, bias, groups=groups, stride=stride, padding=padding)
+
+    def batch_norm(self, x, weight, bias, mean, var, eps):
+        scale = weight * (var + eps).rsqrt()
+        return x * scale.reshape(1, -1, 1, 1) + (bias - mean * scale).reshape(1, -1, 1, 1)
+
+    def relu(self, x):
+        return x.relu()
+
+    def max_pool(self, x, kernel_size, stride, padding):
+        return x.max_pool2d((kernel_size, kernel_size), stride=stride, padding=padding)
+
+    def avg_pool(self, x, kernel_size, stride):
+        return x.avg_pool2d((kernel_size, kernel_size), stride=stride, ceil_mode=True, count_include_pad=False)
+
+    def subsample(self, x, stride):
+        return x[:, :, ::stride, ::stride]
+
+    def pad_channels(self, x, before, after):
+        return x.pad((None, (before, after), None, None))
+
+    def add(self, x, y):
+        return x + y
+
+    def global_avg_pool(self, x):
+        return x.mean(axis=(2, 3))
+
+    def linear(self, x, weight, bias):
+        return x.linear(weight.T, bias)

@@ -1,0 +1,108 @@
+"""``portres.build``: a spec lowered to one backend, NumPy NCHW in, NumPy out.
+
+    >>> import numpy as np, portres
+    >>> model = portres.build("resnet20", "numpy")
+    >>> model(np.zeros((2, 3, 32, 32), np.float32)).shape
+    (2, 10)
+    >>> sorted(model.features(np.zeros((1, 3, 32, 32))))
+    ['layer1', 'layer2', 'layer3', 'stem']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .analysis import check_input_size
+from .plan import INPUT, Op, Plan, apply_op, fold_batch_norm, make_plan, run_plan
+from .spec import ResNetSpec
+from .weights import init_params, load_weights
+from .zoo import get
+
+
+class Model:
+    """One spec on one backend. Parameters are explicit state held here, never global."""
+
+    def __init__(self, spec: ResNetSpec, backend, plan: Plan, params: dict[str, np.ndarray]):
+        self.spec = spec  # the architecture
+        self.backend = backend  # the backend's Backend object (device, dtype, primitives)
+        self.plan = plan  # the plan it executes (BN may be folded into convs)
+        self.params = backend.load_params(plan, params)  # backend arrays, keyed by parameter name
+        self._forward = backend.compile(self._logits)
+
+    def __repr__(self) -> str:
+        return f"<portres.Model {self.spec.name} on {self.backend.name}:{self.backend.device} {self.backend.dtype}>"
+
+    def _logits(self, params, x):
+        return run_plan(self.plan, self.backend, params, x)[self.plan.output]
+
+    def check_input(self, x) -> np.ndarray:
+        """``x`` as an array after checking rank, channels, size and dtype (``ValueError`` if wrong)."""
+        x = np.asarray(x)
+        channels = self.spec.in_channels
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"input dtype {x.dtype} is not numeric: pass a float array (N, {channels}, H, W)")
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D NCHW array (batch, {channels}, height, width), got shape {x.shape}")
+        if x.shape[1] != channels:
+            hint = " (NHWC? use x.transpose(0, 3, 1, 2))" if x.shape[3] == channels else ""
+            raise ValueError(f"expected {channels} input channels at axis 1 (NCHW), got shape {x.shape}{hint}")
+        if x.shape[0] < 1:
+            raise ValueError(f"expected a batch of at least 1 image, got shape {x.shape}")
+        check_input_size(self.plan, x.shape[2:])
+        return x
+
+    def __call__(self, x) -> np.ndarray:
+        """Logits ``(N, num_classes)`` for the NCHW batch ``x``."""
+        x = self.backend.from_numpy(self.check_input(x))
+        return self.backend.to_numpy(self._forward(self.params, x))
+
+    def features(self, x) -> dict[str, np.ndarray]:
+        """The stem's and every stage's output (NCHW), keyed ``stem``, ``layer1``, ..."""
+        return self.values(x, [value for _, value in self.plan.features], names=dict(self.plan.features))
+
+    def values(self, x, keep, names: dict | None = None) -> dict[str, np.ndarray]:
+        """Intermediate values by plan value name (``names`` maps new keys to value names)."""
+        x = self.backend.from_numpy(self.check_input(x))
+        kept = run_plan(self.plan, self.backend, self.params, x, keep=tuple(keep))
+        if names is None:
+            return {name: self.backend.to_numpy(kept[name]) for name in keep}
+        return {key: self.backend.to_numpy(kept[value]) for key, value in names.items()}
+
+    def run_op(self, op: Op, inputs: list[np.ndarray]) -> np.ndarray:
+        """Run a single op of the plan on given NCHW inputs (for locating divergences)."""
+        args = [self.backend.from_numpy(np.asarray(a)) for a in inputs]
+        return self.backend.to_numpy(apply_op(self.backend, op, args, self.params))
+
+
+def resolve_spec(spec) -> ResNetSpec:
+    if isinstance(spec, ResNetSpec):
+        return spec
+    if isinstance(spec, str):
+        return get(spec)
+    raise TypeError(f"expected a ResNetSpec or a preset name, got {type(spec).__name__}")
+
+
+def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,
+          fold_batch_norm_into_conv: bool | None = None, seed: int = 0) -> Model:
+    """Lower ``spec`` (a ResNetSpec or preset name) to ``backend``.
+
+    ``params``: a mapping or weights file checked strictly against the spec (``None``:
+    ``init_params(spec, seed)``). ``dtype``: the backend's compute dtype (``None``: float64
+    for numpy, float32 elsewhere). BN folding defaults to what the backend prefers.
+
+        >>> logits = portres.build("resnet18", "tinygrad", device="CPU")(images)
+    """
+    from . import backends
+
+    spec = resolve_spec(spec)
+    module = backends.load(backend, device)
+    lowering = module.Backend(device=device, dtype=dtype)
+    plan = make_plan(spec)
+    params = init_params(plan, seed) if params is None else load_weights(params, plan)
+    fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv
+    if fold:
+        plan, params = fold_batch_norm(plan, params)
+    return Model(spec, lowering, plan, params)
+
+
+__all__ = ["Model", "build", "INPUT"]

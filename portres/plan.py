@@ -1,0 +1,488 @@
+"""spec -> plan: the one place the architecture is written down.
+
+A :class:`Plan` is an immutable, flat sequence of :class:`Op` s. Each op names the values
+it reads, the value it writes and its layer (conv, batch norm, relu, pool, add, linear,
+...). Parameter names are the op name plus a suffix (``layer1.0.conv1.weight``) and are
+torchvision's state_dict keys wherever torchvision has the model::
+
+    >>> import portres
+    >>> plan = portres.make_plan(portres.get("resnet18"))
+    >>> [op.name for op in plan.ops[:4]]
+    ['conv1', 'bn1', 'relu', 'maxpool']
+    >>> plan.ops[1].inputs
+    ('conv1',)
+
+Backends never re-derive the architecture: they execute ops (see :func:`run_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+from .spec import ResNetSpec
+
+INPUT = "input"  # the value name of the network input
+
+
+# -- layers: what one op computes, with its parameter shapes and output shape --------
+
+
+@dataclass(frozen=True)
+class Layer:
+    kind: ClassVar[str]
+
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """``{suffix: (shape, trainable)}``; buffers (running statistics) are not trainable."""
+        return {}
+
+    def output_shape(self, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample output shape ``(C, H, W)`` or ``(F,)`` from the input shapes."""
+        return shapes[0]
+
+    def macs(self, *shapes: tuple[int, ...]) -> int:
+        """Multiply-accumulates per sample."""
+        return 0
+
+
+@dataclass(frozen=True)
+class Conv2d(Layer):
+    kind: ClassVar[str] = "conv2d"
+    in_channels: int  # input channels
+    out_channels: int  # output channels
+    kernel_size: int  # square kernel side
+    stride: int = 1  # step in both spatial dims
+    padding: int = 0  # zeros added on every side
+    groups: int = 1  # channel groups (ResNeXt cardinality)
+    bias: bool = False  # only true after batch-norm folding
+
+    def param_shapes(self):
+        weight = (self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size)
+        shapes = {"weight": (weight, True)}
+        if self.bias:
+            shapes["bias"] = ((self.out_channels,), True)
+        return shapes
+
+    def output_shape(self, shape):
+        channels, height, width = shape
+        _expect_channels(self, channels, self.in_channels)
+        side = lambda n: (n + 2 * self.padding - self.kernel_size) // self.stride + 1  # noqa: E731
+        return (self.out_channels, side(height), side(width))
+
+    def macs(self, shape):
+        _, height, width = self.output_shape(shape)
+        per_pixel = self.in_channels // self.groups * self.kernel_size**2 * self.out_channels
+        return height * width * per_pixel
+
+
+@dataclass(frozen=True)
+class BatchNorm(Layer):
+    kind: ClassVar[str] = "batch_norm"
+    channels: int  # normalised channels
+    eps: float  # added to the variance
+    zero_init: bool = False  # init the scale to 0 (last BN of a block, when the spec asks)
+
+    def param_shapes(self):
+        vector = (self.channels,)
+        return {"weight": (vector, True), "bias": (vector, True),
+                "running_mean": (vector, False), "running_var": (vector, False)}
+
+    def output_shape(self, shape):
+        _expect_channels(self, shape[0], self.channels)
+        return shape
+
+
+@dataclass(frozen=True)
+class ReLU(Layer):
+    kind: ClassVar[str] = "relu"
+
+
+@dataclass(frozen=True)
+class MaxPool(Layer):
+    kind: ClassVar[str] = "max_pool"
+    kernel_size: int  # window side
+    stride: int  # window step
+    padding: int  # -inf padding on every side
+
+    def output_shape(self, shape):
+        side = lambda n: (n + 2 * self.padding - self.kernel_size) // self.stride + 1  # noqa: E731
+        return (shape[0], side(shape[1]), side(shape[2]))
+
+
+@dataclass(frozen=True)
+class AvgPool(Layer):
+    """Average pool with ceil-mode output size, dividing by the in-bounds count.
+
+    Matches ``torch.nn.AvgPool2d(k, s, ceil_mode=True, count_include_pad=False)``:
+    a partial window at the bottom/right edge averages only the pixels it covers.
+    """
+
+    kind: ClassVar[str] = "avg_pool"
+    kernel_size: int  # window side
+    stride: int  # window step
+
+    def output_shape(self, shape):
+        side = lambda n: max(math.ceil((n - self.kernel_size) / self.stride), 0) + 1  # noqa: E731
+        return (shape[0], side(shape[1]), side(shape[2]))
+
+
+@dataclass(frozen=True)
+class Subsample(Layer):
+    """``x[:, :, ::stride, ::stride]``: option-A shortcuts."""
+
+    kind: ClassVar[str] = "subsample"
+    stride: int  # keep every stride-th row and column, starting at 0
+
+    def output_shape(self, shape):
+        return (shape[0], -(-shape[1] // self.stride), -(-shape[2] // self.stride))
+
+
+@dataclass(frozen=True)
+class PadChannels(Layer):
+    """Zero channels added before and after: option-A shortcuts."""
+
+    kind: ClassVar[str] = "pad_channels"
+    before: int  # zero channels in front
+    after: int  # zero channels behind
+
+    def output_shape(self, shape):
+        return (shape[0] + self.before + self.after, *shape[1:])
+
+
+@dataclass(frozen=True)
+class Add(Layer):
+    kind: ClassVar[str] = "add"
+
+    def output_shape(self, first, second):
+        if first != second:
+            raise ValueError(f"add of mismatched shapes {first} and {second}")
+        return first
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool(Layer):
+    """Mean over the spatial dims: ``(C, H, W) -> (C,)``."""
+
+    kind: ClassVar[str] = "global_avg_pool"
+
+    def output_shape(self, shape):
+        return (shape[0],)
+
+
+@dataclass(frozen=True)
+class Linear(Layer):
+    kind: ClassVar[str] = "linear"
+    in_features: int  # inputs
+    out_features: int  # outputs
+
+    def param_shapes(self):
+        return {"weight": ((self.out_features, self.in_features), True), "bias": ((self.out_features,), True)}
+
+    def output_shape(self, shape):
+        _expect_channels(self, shape[0], self.in_features)
+        return (self.out_features,)
+
+    def macs(self, shape):
+        return self.in_features * self.out_features
+
+
+def _expect_channels(layer: Layer, got: int, expected: int) -> None:
+    if got != expected:
+        raise ValueError(f"{layer.kind} expects {expected} channels, got {got}")
+
+
+# -- the plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # canonical name; the op's parameters are f"{name}.{suffix}"
+    layer: Layer  # what it computes
+    inputs: tuple[str, ...]  # values it reads, by name ("input" is the network input)
+    output: str = ""  # value it writes; the op name unless a rewrite (BN folding) merged ops
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            object.__setattr__(self, "output", self.name)
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """``{full parameter name: (shape, trainable)}``."""
+        return {f"{self.name}.{suffix}": info for suffix, info in self.layer.param_shapes().items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ResNetSpec  # what the plan was made from
+    ops: tuple[Op, ...]  # in execution order
+    features: tuple[tuple[str, str], ...]  # (feature name, value name): stem and each stage's output
+    output: str  # value name of the logits
+    total_stride: int  # input pixels per final feature-map pixel, per side
+
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """Every parameter and buffer, in plan order: ``{name: (shape, trainable)}``."""
+        shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
+        for op in self.ops:
+            shapes.update(op.param_shapes())
+        return shapes
+
+    def op(self, name: str) -> Op:
+        for op in self.ops:
+            if op.name == name:
+                return op
+        raise KeyError(name)
+
+    def last_uses(self) -> dict[str, int]:
+        """For each value, the index of the last op that reads it (to free memory early)."""
+        last: dict[str, int] = {}
+        for index, op in enumerate(self.ops):
+            for value in op.inputs:
+                last[value] = index
+        return last
+
+
+class _Builder:
+    """Appends ops while walking the spec; keeps the name of the current value."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def add(self, name: str, layer: Layer, *inputs: str) -> str:
+        self.ops.append(Op(name, layer, tuple(inputs)))
+        return name
+
+    def conv_bn(self, x: str, conv: str, bn: str, spec: ResNetSpec, cin: int, cout: int, kernel: int,
+                stride: int = 1, groups: int = 1, zero_init: bool = False) -> str:
+        x = self.add(conv, Conv2d(cin, cout, kernel, stride, kernel // 2, groups), x)
+        return self.add(bn, BatchNorm(cout, spec.bn_eps, zero_init), x)
+
+
+@lru_cache(maxsize=256)
+def make_plan(spec: ResNetSpec) -> Plan:
+    """The flat op sequence for ``spec`` (cached: specs are immutable)."""
+    b = _Builder()
+    x, total_stride = _stem(b, spec)
+    features = [("stem", x)]
+    channels = spec.stem.width
+    for stage_index, stage in enumerate(spec.stages):
+        for block_index in range(stage.blocks):
+            stride = stage.stride if block_index == 0 else 1
+            prefix = f"layer{stage_index + 1}.{block_index}"
+            x = _block(b, spec, prefix, x, channels, stage, stride)
+            channels = spec.out_width(stage)
+        total_stride *= stage.stride
+        features.append((f"layer{stage_index + 1}", x))
+    if spec.is_preactivation:  # v2 ends with the BN-ReLU its last block left out
+        x = b.add("final_bn", BatchNorm(channels, spec.bn_eps), x)
+        x = b.add("final_relu", ReLU(), x)
+    x = b.add("avgpool", GlobalAvgPool(), x)
+    x = b.add("fc", Linear(channels, spec.num_classes), x)
+    return Plan(spec, tuple(b.ops), tuple(features), x, total_stride)
+
+
+def _stem(b: _Builder, spec: ResNetSpec) -> tuple[str, int]:
+    stem, cin = spec.stem, spec.in_channels
+    preact = spec.is_preactivation  # v2 stems end on a bare conv: the first block normalises
+    if stem.kind == "imagenet":
+        x = b.add("conv1", Conv2d(cin, stem.width, 7, 2, 3), INPUT)
+        stride = 2
+    elif stem.kind == "cifar":
+        x = b.add("conv1", Conv2d(cin, stem.width, 3, 1, 1), INPUT)
+        stride = 1
+    else:  # deep (ResNet-C/D): timm's resnet50d names, conv1.{0..6} then bn1
+        mid = stem.deep_width
+        x = b.conv_bn(INPUT, "conv1.0", "conv1.1", spec, cin, mid, 3, 2)
+        x = b.add("conv1.2", ReLU(), x)
+        x = b.conv_bn(x, "conv1.3", "conv1.4", spec, mid, mid, 3)
+        x = b.add("conv1.5", ReLU(), x)
+        x = b.add("conv1.6", Conv2d(mid, stem.width, 3, 1, 1), x)
+        stride = 2
+    if not preact:
+        x = b.add("bn1", BatchNorm(stem.width, spec.bn_eps), x)
+        x = b.add("relu", ReLU(), x)
+    if stem.max_pool:
+        x = b.add("maxpool", MaxPool(3, 2, 1), x)
+        stride *= 2
+    return x, stride
+
+
+def _block(b: _Builder, spec: ResNetSpec, prefix: str, x: str, cin: int, stage, stride: int) -> str:
+    """One residual (or plain) block: the convs, the shortcut, the add."""
+    inner, cout = spec.inner_width(stage), spec.out_width(stage)
+    p = f"{prefix}."
+    block_input = x
+    if spec.is_bottleneck:
+        # (in, out, kernel, stride, groups) per conv; v1.5 strides the 3x3, v1 the first 1x1
+        on_1x1 = spec.bottleneck_stride_at == "1x1"
+        convs = [(cin, inner, 1, stride if on_1x1 else 1, 1),
+                 (inner, inner, 3, 1 if on_1x1 else stride, spec.groups),
+                 (inner, cout, 1, 1, 1)]
+    else:
+        convs = [(cin, inner, 3, stride, spec.groups), (inner, cout, 3, 1, 1)]
+    last = len(convs)
+
+    if spec.is_preactivation:
+        # BN-ReLU-conv, repeated; a projection shortcut reads the pre-activated input.
+        for i, (ci, co, k, s, g) in enumerate(convs, start=1):
+            x = b.add(f"{p}bn{i}", BatchNorm(ci, spec.bn_eps), x)
+            x = b.add(f"{p}relu{i}", ReLU(), x)
+            if i == 1:
+                preactivated = x
+            x = b.add(f"{p}conv{i}", Conv2d(ci, co, k, s, k // 2, g), x)
+        if not spec.residual:
+            return x
+        shortcut = _shortcut(b, spec, p, block_input, preactivated, cin, cout, stride)
+        return b.add(f"{p}add", Add(), x, shortcut)
+
+    for i, (ci, co, k, s, g) in enumerate(convs, start=1):
+        zero = spec.zero_init_last_bn and i == last
+        x = b.conv_bn(x, f"{p}conv{i}", f"{p}bn{i}", spec, ci, co, k, s, g, zero_init=zero)
+        if i < last:
+            x = b.add(f"{p}relu{i}", ReLU(), x)
+    if spec.residual:
+        shortcut = _shortcut(b, spec, p, block_input, block_input, cin, cout, stride)
+        x = b.add(f"{p}add", Add(), x, shortcut)
+    return b.add(f"{p}relu{last}", ReLU(), x)
+
+
+def _shortcut(b: _Builder, spec: ResNetSpec, p: str, identity: str, projected: str,
+              cin: int, cout: int, stride: int) -> str:
+    """The shortcut value: ``identity`` when shapes match, else the spec's policy.
+
+    ``projected`` is what a learned projection reads (the pre-activated input in v2).
+    """
+    reshapes = stride != 1 or cin != cout
+    if spec.shortcut == "A" and reshapes:
+        x = identity
+        if stride != 1:
+            x = b.add(f"{p}shortcut.subsample", Subsample(stride), x)
+        if cout != cin:
+            before = (cout - cin) // 2
+            x = b.add(f"{p}shortcut.pad", PadChannels(before, cout - cin - before), x)
+        return x
+    if spec.shortcut == "avg_down" and reshapes:  # timm's downsample.{0: pool, 1: conv, 2: bn}
+        x = projected
+        if stride != 1:
+            x = b.add(f"{p}downsample.0", AvgPool(stride, stride), x)
+        x = b.add(f"{p}downsample.1", Conv2d(cin, cout, 1), x)
+        return _projection_norm(b, spec, f"{p}downsample.2", x, cout)
+    if spec.shortcut == "C" or reshapes:  # B and C: torchvision's downsample.{0: conv, 1: bn}
+        x = b.add(f"{p}downsample.0", Conv2d(cin, cout, 1, stride), projected)
+        return _projection_norm(b, spec, f"{p}downsample.1", x, cout)
+    return identity
+
+
+def _projection_norm(b: _Builder, spec: ResNetSpec, name: str, x: str, channels: int) -> str:
+    # v2 adds the projection to an un-normalised residual: no BN on the shortcut either
+    if spec.is_preactivation:
+        return x
+    return b.add(name, BatchNorm(channels, spec.bn_eps), x)
+
+
+# -- rewrites ----------------------------------------------------------------------------
+
+
+def fold_batch_norm(plan: Plan, params: dict) -> tuple[Plan, dict]:
+    """Fold every eval-mode BN that directly follows a conv into that conv's weight and bias.
+
+    ``conv -> bn`` becomes one conv with a bias whose output keeps the BN's value name, so
+    later ops and the reference's per-op values line up. Params are float32 NumPy arrays;
+    the arithmetic is done in float64 and rounded once.
+
+        >>> folded_plan, folded_params = fold_batch_norm(plan, portres.init_params(plan.spec))
+    """
+    import numpy as np
+
+    readers: dict[str, int] = {}
+    for op in plan.ops:
+        for value in op.inputs:
+            readers[value] = readers.get(value, 0) + 1
+    by_output = {op.output: op for op in plan.ops}
+    folded_into: dict[str, Op] = {}  # bn op name -> the conv it absorbs
+    for op in plan.ops:
+        if op.kind != "batch_norm":
+            continue
+        source = by_output.get(op.inputs[0])
+        if source is not None and source.kind == "conv2d" and readers[source.output] == 1 \
+                and op.inputs[0] not in {value for _, value in plan.features}:
+            folded_into[op.name] = source
+    absorbed = {conv.name: bn_name for bn_name, conv in folded_into.items()}
+
+    ops, new_params = [], dict(params)
+    for op in plan.ops:
+        if op.name in folded_into:
+            continue
+        if op.name in absorbed:
+            bn = plan.op(absorbed[op.name])
+            weight = params[f"{op.name}.weight"].astype(np.float64)
+            bias = params[f"{op.name}.bias"].astype(np.float64) if op.layer.bias else 0.0
+            scale = params[f"{bn.name}.weight"].astype(np.float64) / np.sqrt(
+                params[f"{bn.name}.running_var"].astype(np.float64) + bn.layer.eps)
+            shift = params[f"{bn.name}.bias"] - params[f"{bn.name}.running_mean"] * scale
+            new_params[f"{op.name}.weight"] = (weight * scale[:, None, None, None]).astype(np.float32)
+            new_params[f"{op.name}.bias"] = (bias * scale + shift).astype(np.float32)
+            for suffix in ("weight", "bias", "running_mean", "running_var"):
+                del new_params[f"{bn.name}.{suffix}"]
+            op = Op(op.name, dataclasses.replace(op.layer, bias=True), op.inputs, bn.output)
+        ops.append(op)
+    return dataclasses.replace(plan, ops=tuple(ops)), new_params
+
+
+# -- the walker ----------------------------------------------------------------------------
+
+
+def apply_op(primitives, op: Op, args: list, params: dict):
+    """Run one op with a backend's primitives (see backends/README of the primitive set)."""
+    layer, name = op.layer, op.name
+    kind = layer.kind
+    if kind == "conv2d":
+        return primitives.conv2d(args[0], params[f"{name}.weight"], params.get(f"{name}.bias"),
+                                 layer.stride, layer.padding, layer.groups)
+    if kind == "batch_norm":
+        return primitives.batch_norm(args[0], params[f"{name}.weight"], params[f"{name}.bias"],
+                                     params[f"{name}.running_mean"], params[f"{name}.running_var"], layer.eps)
+    if kind == "relu":
+        return primitives.relu(args[0])
+    if kind == "max_pool":
+        return primitives.max_pool(args[0], layer.kernel_size, layer.stride, layer.padding)
+    if kind == "avg_pool":
+        return primitives.avg_pool(args[0], layer.kernel_size, layer.stride)
+    if kind == "subsample":
+        return primitives.subsample(args[0], layer.stride)
+    if kind == "pad_channels":
+        return primitives.pad_channels(args[0], layer.before, layer.after)
+    if kind == "add":
+        return primitives.add(args[0], args[1])
+    if kind == "global_avg_pool":
+        return primitives.global_avg_pool(args[0])
+    if kind == "linear":
+        return primitives.linear(args[0], params[f"{name}.weight"], params[f"{name}.bias"])
+    raise NotImplementedError(f"no lowering for op kind {kind!r}")
+
+
+def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()) -> dict:
+    """Execute ``plan`` on ``x``; returns ``{value name: array}`` for the output and ``keep``.
+
+    Values are dropped after their last reader, so peak memory stays that of one block.
+    """
+    wanted = set(keep) | {plan.output}
+    last_use = plan.last_uses()
+    values = {INPUT: x}
+    kept = {}
+    for index, op in enumerate(plan.ops):
+        result = apply_op(primitives, op, [values[name] for name in op.inputs], params)
+        values[op.output] = result
+        if op.output in wanted:
+            kept[op.output] = result
+        for name in set(op.inputs):
+            if last_use[name] == index:
+                del values[name]
+    if INPUT in wanted:
+        kept[INPUT] = x
+    return kept

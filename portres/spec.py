@@ -1,0 +1,242 @@
+"""The backend-neutral description of a residual network.
+
+A :class:`ResNetSpec` says *what* the network is (stem, stages, block kind, shortcut
+policy, ...); :mod:`portres.plan` turns it into the flat list of ops every backend runs.
+Specs are frozen, validated when built, and round-trip exactly through JSON::
+
+    >>> from portres.spec import ResNetSpec, StageSpec
+    >>> spec = ResNetSpec(name="tiny", block="basic",
+    ...                   stages=(StageSpec(blocks=1, width=8, stride=1),))
+    >>> ResNetSpec.from_dict(spec.to_dict()) == spec
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+BLOCK_KINDS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
+SHORTCUT_KINDS = ("A", "B", "C", "avg_down")
+STEM_KINDS = ("imagenet", "deep", "cifar")
+BOTTLENECK_STRIDE_POSITIONS = ("3x3", "1x1")
+BOTTLENECK_EXPANSION = 4  # a bottleneck block outputs 4x its stage width (He et al. 2016)
+
+
+class SpecError(ValueError):
+    """An invalid spec: the message names the field, the value and the rule."""
+
+
+def _check_int(where: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}={value!r} must be an integer")
+    if value < minimum:
+        raise SpecError(f"{where}={value} must be >= {minimum}")
+
+
+def _check_choice(where: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(f"{where}={value!r} must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class StemSpec:
+    """The layers before the first stage."""
+
+    kind: str = "imagenet"  # "imagenet": 7x7/2 conv; "deep": three 3x3 convs, first /2; "cifar": one 3x3/1 conv
+    width: int = 64  # channels the stem hands to the first stage
+    deep_width: int = 32  # channels of the deep stem's first two convs (unused by other stems)
+    max_pool: bool = True  # 3x3/2 max-pool after the convs (ImageNet stems), none for CIFAR
+
+    def __post_init__(self) -> None:
+        _check_choice("stem.kind", self.kind, STEM_KINDS)
+        _check_int("stem.width", self.width)
+        _check_int("stem.deep_width", self.deep_width)
+        if not isinstance(self.max_pool, bool):
+            raise SpecError(f"stem.max_pool={self.max_pool!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A run of blocks at one resolution."""
+
+    blocks: int  # number of residual blocks in the stage
+    width: int  # basic: block width; bottleneck: inner width before groups/width scaling (output = 4x)
+    stride: int = 1  # stride of the stage's first block (later blocks use 1)
+
+    def validate(self, index: int) -> None:
+        _check_int(f"stages[{index}].blocks", self.blocks)
+        _check_int(f"stages[{index}].width", self.width)
+        _check_int(f"stages[{index}].stride", self.stride)
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """A whole residual network; see the module docstring for an example."""
+
+    name: str  # a label for tables and files; not part of the architecture's identity checks
+    stages: tuple[StageSpec, ...]  # the stages in order (torchvision's layer1..layer4)
+    block: str = "bottleneck"  # "basic", "bottleneck", "preact_basic" or "preact_bottleneck"
+    stem: StemSpec = field(default_factory=StemSpec)  # layers before the first stage
+    groups: int = 1  # cardinality of the 3x3 conv (ResNeXt); 1 for ordinary ResNets
+    width_per_group: int | None = None  # ResNeXt "d": bottleneck width = int(width*factor*d/64)*groups
+    width_factor: int = 1  # widens the 3x3 convs (wide ResNets); bottleneck outputs stay at 4x width
+    bottleneck_stride_at: str = "3x3"  # "3x3": v1.5 (torchvision); "1x1": the original v1 paper
+    shortcut: str = "B"  # when shape changes: "A" pad, "B" 1x1 projection, "C" always project, "avg_down"
+    residual: bool = True  # False builds the plain (shortcut-free) twin
+    zero_init_last_bn: bool = False  # init each block's last BN scale to 0 (Goyal et al. 2017)
+    bn_eps: float = 1e-5  # epsilon of every batch norm
+    num_classes: int = 1000  # outputs of the final linear layer
+    in_channels: int = 3  # channels of the input image
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"name={self.name!r} must be a non-empty string")
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        if not isinstance(self.stages, tuple) or not self.stages:
+            raise SpecError(f"stages={self.stages!r} must be a non-empty sequence of StageSpec")
+        for index, stage in enumerate(self.stages):
+            if not isinstance(stage, StageSpec):
+                raise SpecError(f"stages[{index}]={stage!r} must be a StageSpec")
+            stage.validate(index)
+        if not isinstance(self.stem, StemSpec):
+            raise SpecError(f"stem={self.stem!r} must be a StemSpec")
+        _check_choice("block", self.block, BLOCK_KINDS)
+        _check_choice("shortcut", self.shortcut, SHORTCUT_KINDS)
+        _check_choice("bottleneck_stride_at", self.bottleneck_stride_at, BOTTLENECK_STRIDE_POSITIONS)
+        _check_int("groups", self.groups)
+        _check_int("width_factor", self.width_factor)
+        _check_int("num_classes", self.num_classes)
+        _check_int("in_channels", self.in_channels)
+        for flag in ("residual", "zero_init_last_bn"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SpecError(f"{flag}={getattr(self, flag)!r} must be true or false")
+        eps = self.bn_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise SpecError(f"bn_eps={eps!r} must be a finite number > 0")
+        if self.width_per_group is not None:
+            _check_int("width_per_group", self.width_per_group)
+            if not self.is_bottleneck:
+                raise SpecError(
+                    f"width_per_group={self.width_per_group} only applies to bottleneck blocks, "
+                    f"not block={self.block!r}; leave it unset (null)"
+                )
+        if self.zero_init_last_bn and not self.residual:
+            raise SpecError(
+                "zero_init_last_bn=True needs residual=True: in a plain network it would zero every block's output"
+            )
+        channels = self.stem.width
+        for index, stage in enumerate(self.stages):
+            inner = self.inner_width(stage)
+            if inner < 1:
+                raise SpecError(
+                    f"stages[{index}].width={stage.width} with width_per_group={self.width_per_group} "
+                    f"gives a bottleneck width of 0; raise width_per_group to at least {math.ceil(64 / stage.width)}"
+                )
+            if inner % self.groups:
+                what = "bottleneck width" if self.is_bottleneck else "block width"
+                raise SpecError(f"groups={self.groups} must divide the {what} {inner} (stages[{index}])")
+            out = self.out_width(stage)
+            if self.residual and self.shortcut == "A" and out < channels:
+                raise SpecError(
+                    f"shortcut='A' cannot shrink channels: stages[{index}] goes from {channels} to {out}; "
+                    "use shortcut='B'"
+                )
+            channels = out
+
+    # -- derived shape facts (the plan uses these; nothing else re-derives them) --
+
+    @property
+    def is_bottleneck(self) -> bool:
+        return self.block in ("bottleneck", "preact_bottleneck")
+
+    @property
+    def is_preactivation(self) -> bool:
+        return self.block.startswith("preact_")
+
+    def inner_width(self, stage: StageSpec) -> int:
+        """Width of the block's 3x3 conv(s) in ``stage``."""
+        width = stage.width * self.width_factor
+        if self.width_per_group is not None:
+            return int(width * self.width_per_group / 64) * self.groups
+        return width
+
+    def out_width(self, stage: StageSpec) -> int:
+        """Channels each block of ``stage`` outputs."""
+        if self.is_bottleneck:
+            return stage.width * BOTTLENECK_EXPANSION
+        return self.inner_width(stage)
+
+    @property
+    def feature_width(self) -> int:
+        """Channels entering the classifier."""
+        return self.out_width(self.stages[-1])
+
+    # -- JSON --
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form; ``ResNetSpec.from_dict(spec.to_dict()) == spec``."""
+        data = dataclasses.asdict(self)
+        data["stages"] = [dataclasses.asdict(stage) for stage in self.stages]
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResNetSpec:
+        """Build a spec from :meth:`to_dict` output; unknown keys are rejected.
+
+        Omitted fields take their defaults, so a hand-written file may list only
+        ``name``, ``stages`` and what differs.
+        """
+        if not isinstance(data, dict):
+            raise SpecError(f"a spec must be a JSON object, got {type(data).__name__}")
+        _reject_unknown("spec", data, cls)
+        data = dict(data)
+        for required in ("name", "stages"):
+            if required not in data:
+                raise SpecError(f"spec is missing the required field {required!r}")
+        stages = data["stages"]
+        if not isinstance(stages, list) or not stages:
+            raise SpecError(f"stages={stages!r} must be a non-empty list of objects")
+        built = []
+        for index, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                raise SpecError(f"stages[{index}]={stage!r} must be an object")
+            _reject_unknown(f"stages[{index}]", stage, StageSpec)
+            try:
+                built.append(StageSpec(**stage))
+            except TypeError as error:  # a required key is missing
+                raise SpecError(f"stages[{index}]: {_missing(error)}") from None
+        data["stages"] = tuple(built)
+        if "stem" in data:
+            stem = data["stem"]
+            if not isinstance(stem, dict):
+                raise SpecError(f"stem={stem!r} must be an object")
+            _reject_unknown("stem", stem, StemSpec)
+            data["stem"] = StemSpec(**stem)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ResNetSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"spec is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+
+def _reject_unknown(where: str, data: dict, cls) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SpecError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+
+
+def _missing(error: TypeError) -> str:
+    text = str(error)
+    return text[text.find("missing"):] if "missing" in text else text

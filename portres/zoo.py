@@ -1,0 +1,140 @@
+"""Named presets.
+
+    >>> import portres
+    >>> portres.get("resnet50").stages[0]
+    StageSpec(blocks=3, width=64, stride=1)
+    >>> "resnet20" in portres.zoo.names()
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
+
+# Blocks per stage for the ImageNet depths (He et al. 2016, table 1).
+IMAGENET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+IMAGENET_STRIDES = (1, 2, 2, 2)
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    spec: ResNetSpec  # the architecture
+    family: str  # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "cifar", "plain"
+    description: str  # one line for `portres list`
+
+
+_REGISTRY: dict[str, ZooEntry] = {}
+
+
+class UnknownNameError(KeyError):
+    """An unknown preset name; the message lists the closest names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+def register(spec: ResNetSpec, family: str, description: str = "") -> ResNetSpec:
+    """Add ``spec`` to the zoo under ``spec.name``; a duplicate name raises ``ValueError``."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"a preset named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = ZooEntry(spec, family, description)
+    return spec
+
+
+def names() -> list[str]:
+    """Every preset name, in registration order."""
+    return list(_REGISTRY)
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise UnknownNameError(f"unknown preset {name!r}{hint} (`portres list` shows all)")
+    return _REGISTRY[name]
+
+
+def get(name: str) -> ResNetSpec:
+    """The spec registered as ``name``, e.g. ``portres.get("resnext50_32x4d")``."""
+    return entry(name).spec
+
+
+def resnet(depth: int, *, name: str | None = None, preactivation: bool = False, **knobs) -> ResNetSpec:
+    """An ImageNet ResNet of ``depth`` 18/34/50/101/152 with any variant knobs as keywords.
+
+        >>> portres.resnet(50, shortcut="avg_down", stem=StemSpec(kind="deep")).shortcut
+        'avg_down'
+
+    ``knobs`` are :class:`~portres.spec.ResNetSpec` fields (``shortcut="avg_down"``,
+    ``stem=StemSpec(kind="deep")``, ``bottleneck_stride_at="1x1"``, ``residual=False``, ...).
+    """
+    if depth not in IMAGENET_DEPTHS:
+        raise SpecError(f"depth={depth!r} must be one of {', '.join(map(str, IMAGENET_DEPTHS))}")
+    block, blocks = IMAGENET_DEPTHS[depth]
+    if preactivation:
+        block = "preact_" + block
+    stages = tuple(
+        StageSpec(blocks=n, width=w, stride=s) for n, w, s in zip(blocks, IMAGENET_WIDTHS, IMAGENET_STRIDES)
+    )
+    allowed = {f.name for f in dataclasses.fields(ResNetSpec)} - {"name", "stages", "block"}
+    unknown = set(knobs) - allowed
+    if unknown:
+        raise SpecError(f"resnet() got unknown or fixed keyword(s): {', '.join(sorted(unknown))}")
+    return ResNetSpec(name=name or f"resnet{depth}", stages=stages, block=block, **knobs)
+
+
+def cifar_resnet(depth: int, *, name: str | None = None, **knobs) -> ResNetSpec:
+    """The CIFAR ResNet of depth 6n+2 (He et al. 2016, section 4.2): widths 16/32/64, option A."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise SpecError(f"depth={depth!r} must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...)")
+    blocks = (depth - 2) // 6
+    knobs = {"shortcut": "A", "num_classes": 10, **knobs}
+    return ResNetSpec(
+        name=name or f"resnet{depth}",
+        block="basic",
+        stem=StemSpec(kind="cifar", width=16, max_pool=False),
+        stages=(StageSpec(blocks, 16, 1), StageSpec(blocks, 32, 2), StageSpec(blocks, 64, 2)),
+        **knobs,
+    )
+
+
+def _register_defaults() -> None:
+    for depth in IMAGENET_DEPTHS:
+        register(resnet(depth), "resnet", f"ResNet-{depth} (torchvision, v1.5)")
+    for groups, width_per_group, depth in ((32, 4, 50), (32, 8, 101), (64, 4, 101)):
+        register(
+            resnet(depth, name=f"resnext{depth}_{groups}x{width_per_group}d", groups=groups,
+                   width_per_group=width_per_group),
+            "resnext", f"ResNeXt-{depth} {groups}x{width_per_group}d (torchvision)",
+        )
+    for depth in (50, 101):
+        register(resnet(depth, name=f"wide_resnet{depth}_2", width_factor=2), "wide_resnet",
+                 f"Wide ResNet-{depth}-2 (torchvision)")
+    for depth in (50, 101, 152):
+        register(resnet(depth, name=f"resnet{depth}_v1", bottleneck_stride_at="1x1"), "resnet_v1",
+                 f"ResNet-{depth}, original v1: stride on the first 1x1")
+    for depth in IMAGENET_DEPTHS:
+        register(resnet(depth, name=f"resnetv2_{depth}", preactivation=True), "resnet_v2",
+                 f"Pre-activation ResNet-{depth} (identity mappings)")
+    for depth in (50, 101):
+        register(resnet(depth, name=f"resnet{depth}d", stem=StemSpec(kind="deep"), shortcut="avg_down"),
+                 "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)")
+    for depth in CIFAR_DEPTHS:
+        register(cifar_resnet(depth), "cifar", f"CIFAR ResNet-{depth}, option A shortcuts")
+    for depth in (20, 32, 44, 56, 110):
+        register(cifar_resnet(depth, name=f"plain{depth}", residual=False), "plain",
+                 f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts")
+
+
+_register_defaults()
