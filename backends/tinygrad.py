@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
+import os
 
 import numpy as np
 
@@ -38,6 +41,33 @@ def _open_device(device: str | None) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2: a failing probe compile would spray compiler errors on the terminal."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def _dtype_problem(device: str, dtype: str) -> str | None:
+    """Compile and run a tiny cast on ``device``: renderers claim dtypes their compiler lacks
+    (Debian 12's clang 14 rejects x86 ``__bf16``)."""
+    try:
+        with _quiet_stderr():
+            stored = Tensor([1.5, -2.0], device=device).cast(DTYPES[dtype]).realize()  # a real buffer of dtype
+            (stored * 2).cast(dtypes.float32).numpy()
+    except Exception as error:  # noqa: BLE001 - any failure means the dtype is unusable here
+        text = str(error).splitlines()[0][:200]
+        return f"tinygrad device {device} cannot compute in {dtype} here ({type(error).__name__}: {text})"
+    return None
+
+
 class Backend:
     name = NAME
 
@@ -49,6 +79,9 @@ class Backend:
         self._dtype = DTYPES[self.dtype]
         if self._dtype not in Device[self.device].renderer.supported_dtypes():
             raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
+        if self.dtype != "float32" and (problem := _dtype_problem(self.device, self.dtype)):
+            hint = "; on CPU, bfloat16 needs a clang whose x86 target has __bf16 (clang 14 lacks it)" if self.dtype == "bfloat16" else ""
+            raise ValueError(f"{problem}; use float32 or float16{hint}")
 
     # -- arrays and parameters --
 

@@ -1,2 +1,221 @@
+"""The ``portres`` command line: list, summary, spec, backends, parity, bench.
+
+User errors (unknown preset, invalid spec file, bad argument, missing framework) print one
+``portres: error: ...`` line on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from portres import analysis, zoo
+from portres.spec import ResNetSpec, SpecError
+from portres.weights import WeightsError
+
+USER_ERRORS = (SpecError, WeightsError, ValueError, KeyError, FileNotFoundError, RuntimeError, MemoryError)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except USER_ERRORS as error:
+            message = str(error) if not isinstance(error, MemoryError) else \
+                "out of memory: lower --batch or --input-size, or use a smaller network"
+            click.echo(f"portres: error: {message}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="portres")
 def main():
-    pass
+    """One ResNet description, lowered to tinygrad, MLX (and torch), checked against float64 NumPy."""
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
+    """A plain-text table; columns in ``right`` are right-aligned (numbers)."""
+    right = right or set()
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]])
+
+
+def load_spec(name: str | None, spec_file: str | None, depth: int | None = None) -> ResNetSpec:
+    """The spec from exactly one of NAME, --spec FILE or --depth N."""
+    given = [x for x in (name, spec_file, depth) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of NAME, --spec FILE.json or --depth N")
+    if spec_file is not None:
+        path = Path(spec_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file {spec_file} does not exist")
+        try:
+            return ResNetSpec.from_json(path.read_text())
+        except SpecError as error:
+            raise SpecError(f"{spec_file}: {error}") from None
+    if depth is not None:
+        return zoo.get(f"resnet{depth}")
+    return zoo.get(name)
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def giga(n: float) -> str:
+    return f"{n / 1e9:,.3f}G"
+
+
+# -- verbs ----------------------------------------------------------------------------------
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per preset.")
+def list_presets(as_json):
+    """Every preset: family, parameters and MACs at its natural input size."""
+    rows = []
+    for name in zoo.names():
+        entry = zoo.entry(name)
+        size = analysis.default_input_size(entry.spec)
+        s = analysis.summary(entry.spec, size)
+        rows.append({"name": name, "family": entry.family, "params": s.params, "macs": s.macs,
+                     "input_size": size, "description": entry.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(table(["name", "family", "params", "MACs", "input", "description"],
+                     [[r["name"], r["family"], f"{r['params']:,}", giga(r["macs"]), r["input_size"], r["description"]]
+                      for r in rows], right={2, 3, 4}))
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of a preset NAME.")
+@click.option("--input-size", type=click.IntRange(min=1), help="Square input side (default: 224, CIFAR 32).")
+@click.option("--ops", is_flag=True, help="Show every op, not just the stages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def summary(name, spec_file, input_size, ops, as_json):
+    """Parameters, buffers, MACs and output shapes of a network, per stage (or per op)."""
+    spec = load_spec(name, spec_file)
+    s = analysis.summary(spec, input_size or analysis.default_input_size(spec))
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    if ops:
+        rows = [[r.name, r.op, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.macs:,}"] for r in s.rows]
+        click.echo(table(["op", "kind", "output (per image)", "params", "MACs"], rows, right={3, 4}))
+    else:
+        rows = [[g["stage"], "x".join(map(str, g["output_shape"])), f"{g['params']:,}", giga(g["macs"])]
+                for g in s.stages()]
+        click.echo(table(["stage", "output (per image)", "params", "MACs"], rows, right={2, 3}))
+    height, width = s.input_size
+    click.echo(f"\n{s.name} at {height}x{width}: {s.params:,} parameters, {s.buffers:,} BN buffers, "
+               f"{s.macs / 1e9:.3f} GMACs ({2 * s.macs / 1e9:.3f} GFLOPs) per image")
+
+
+@main.command("spec")
+@click.argument("name")
+def show_spec(name):
+    """The JSON spec of a preset (edit it and pass it back with --spec)."""
+    click.echo(zoo.get(name).to_json())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def backends(as_json):
+    """Installed backends: devices, framework versions, BLAS, and why any cannot run."""
+    from portres import backends as registry
+
+    report = []
+    for name in registry.NAMES:
+        reason = registry.unavailable_reason(name)
+        record = {"backend": name, "available": reason is None, "reason": reason}
+        if reason is None:
+            try:
+                record.update(registry.load(name).info())
+            except Exception as error:  # noqa: BLE001 - an installed but broken framework is reported, not raised
+                record.update(available=False, reason=f"installed but failed to load: {error}")
+        report.append(record)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for r in report:
+        if r["available"]:
+            click.echo(f"{r['backend']:9s} ok       {r['framework']}; devices: {', '.join(r['devices'])} "
+                       f"(default {r['default_device']})" + (f"; BLAS: {r['blas']}" if r.get("blas") else ""))
+        else:
+            click.echo(f"{r['backend']:9s} missing  {r['reason']}")
+
+
+def _backend_list(value: str | None, include_numpy: bool) -> list[str]:
+    from portres import backends as registry
+
+    if value in (None, "all"):
+        names = [n for n in registry.available() if include_numpy or n != "numpy"]
+        if not names:
+            raise ValueError("no backend is available here: pip install 'portres[all]'")
+        return names
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n not in registry.NAMES:
+            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(registry.NAMES)} or 'all'")
+    return names
+
+
+def _fmt_error(x: float) -> str:
+    return "inf/NaN" if not math.isfinite(x) else f"{x:.2e}"
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--depth", type=int, help="ResNet depth (18/34/50/101/152; CIFAR 20/32/44/56/110/1202).")
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of a preset NAME.")
+@click.option("--backends", "backend_names", help="Comma-separated backends (default: every available one).")
+@click.option("--input-size", type=click.IntRange(min=1), help="Square input side (default 64; CIFAR 32).")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", help="Device for every backend (e.g. CPU, CUDA for tinygrad; cpu, gpu for mlx).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per backend.")
+def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, device, seed, as_json):
+    """Run one input through the float64 reference and each backend; compare.
+
+    Exit status 1 if any backend is off by more than the tolerance (1e-4 relative L2 in
+    float32, 2e-2 in float16/bfloat16); the report then names the first op that diverges.
+    """
+    from portres import parity as checker
+
+    spec = load_spec(name, spec_file, depth)
+    size = input_size or (32 if spec.stem.kind == "cifar" else 64)
+    results = checker.check(spec, _backend_list(backend_names, include_numpy=False), input_size=size,
+                            batch=batch, dtype=dtype, seed=seed, device=device)
+    if as_json:
+        for r in results:
+            click.echo(json.dumps({"network": spec.name, "input_size": size, "batch": batch, **r.to_dict()}))
+    else:
+        click.echo(f"{spec.name}: batch {batch} at {size}x{size}, seed {seed}, vs float64 NumPy reference\n")
+        rows = []
+        for r in results:
+            stage, worst = r.worst_stage
+            rows.append([r.backend, r.device, r.dtype, _fmt_error(r.logits_error), f"{stage} {_fmt_error(worst)}",
+                         _fmt_error(r.max_abs_error), f"{r.tolerance:.0e}", "pass" if r.passed else "FAIL"])
+        click.echo(table(["backend", "device", "dtype", "logits rel.err", "worst stage", "max abs", "tol", "result"],
+                         rows, right={3, 5}))
+        for r in results:
+            if r.error:
+                click.echo(f"\n{r.backend}: could not run: {r.error}")
+            elif not r.passed:
+                click.echo(f"\n{r.backend}: diverges first at {r.divergence or 'no single op (accumulated error)'}")
+    sys.exit(0 if all(r.passed for r in results) else 1)

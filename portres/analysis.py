@@ -105,3 +105,8 @@ def summary(spec: ResNetSpec | Plan, input_size=224) -> Summary:
         rows.append(OpRow(op.name, op.kind, shapes[op.output], params, buffers, macs))
     return Summary(plan.spec.name, _hw(input_size), sum(r.params for r in rows), sum(r.buffers for r in rows),
                    sum(r.macs for r in rows), tuple(rows))
+
+
+def default_input_size(spec: ResNetSpec) -> int:
+    """The input side a network is usually run at: 32 for CIFAR stems, 224 otherwise."""
+    return 32 if spec.stem.kind == "cifar" else 224
