@@ -55,12 +55,21 @@ def _distribution_installed(name: str) -> bool:
         return False
 
 
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # None there means "blocked": treat as not installed
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def unavailable_reason(name: str, device: str | None = None) -> str | None:
     """Why backend ``name`` cannot run here (on ``device``), or ``None`` if it can."""
     if name not in _REQUIREMENTS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(NAMES)}")
     requirement = _REQUIREMENTS[name]
-    if requirement.module not in sys.modules and importlib.util.find_spec(requirement.module) is None:
+    if not _installed(requirement.module):
         return f"{requirement.module} is not installed: {install_hint(name)}"
     if name == "mlx" and platform.system() == "Linux" and "mlx.core" not in sys.modules:
         if not any(_distribution_installed(d) for d in ("mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13")):

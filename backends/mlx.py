@@ -140,8 +140,15 @@ class Backend:
 
         return run
 
+    def realize(self, x):
+        mx.eval(x)
+        return x
+
     def synchronize(self) -> None:
         mx.synchronize()
+
+    def memory(self) -> dict:
+        return {"device_peak_memory_bytes": mx.get_peak_memory()}
 
     # -- primitives (NHWC) --
 

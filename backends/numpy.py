@@ -57,8 +57,14 @@ class Backend:
     def compile(self, forward):
         return forward
 
+    def realize(self, x):
+        return x
+
     def synchronize(self) -> None:
         pass
+
+    def memory(self) -> dict:
+        return {}
 
     # -- primitives (NCHW) --
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 try:
-    from tinygrad import Device, Tensor, TinyJit, dtypes
+    from tinygrad import Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
@@ -80,7 +80,9 @@ class Backend:
         if self._dtype not in Device[self.device].renderer.supported_dtypes():
             raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
         if self.dtype != "float32" and (problem := _dtype_problem(self.device, self.dtype)):
-            hint = "; on CPU, bfloat16 needs a clang whose x86 target has __bf16 (clang 14 lacks it)" if self.dtype == "bfloat16" else ""
+            hint = ""
+            if self.dtype == "bfloat16":
+                hint = "; on CPU, bfloat16 needs a clang whose x86 target has __bf16 (clang 14 lacks it)"
             raise ValueError(f"{problem}; use float32 or float16{hint}")
 
     # -- arrays and parameters --
@@ -107,8 +109,14 @@ class Backend:
 
         return run
 
+    def realize(self, x: Tensor) -> Tensor:
+        return x.realize()
+
     def synchronize(self) -> None:
         Device[self.device].synchronize()
+
+    def memory(self) -> dict:
+        return {"device_memory_bytes": GlobalCounters.mem_used_per_device.get(self.device, GlobalCounters.mem_used)}
 
     # -- primitives (NCHW) --
 

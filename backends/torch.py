@@ -71,11 +71,19 @@ class Backend:
                 return forward(params, x)
         return run
 
+    def realize(self, x):
+        return x
+
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         elif self.device == "mps":
             torch.mps.synchronize()
+
+    def memory(self) -> dict:
+        if self.device.startswith("cuda"):
+            return {"device_peak_memory_bytes": torch.cuda.max_memory_allocated()}
+        return {}
 
     # -- primitives (logical NCHW) --
 

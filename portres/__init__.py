@@ -1,6 +1,29 @@
-"""portres: one ResNet description, lowered to tinygrad, MLX and a float64 NumPy reference."""
+"""portres: one ResNet description, lowered to tinygrad, MLX and a float64 NumPy reference.
+
+    >>> import numpy as np, portres
+    >>> spec = portres.get("resnet50")                  # or portres.resnet(50, shortcut="avg_down")
+    >>> portres.summary(spec).params
+    25557032
+    >>> model = portres.build(spec, "numpy")             # "tinygrad", "mlx", "torch"
+    >>> model(np.zeros((1, 3, 224, 224), np.float32)).shape
+    (1, 1000)
+
+Importing portres imports only the standard library and NumPy; a framework is imported
+when a backend is built.
+"""
+
 from . import zoo
-from .analysis import summary
-from .plan import make_plan
+from .analysis import Summary, summary
+from .model import Model, build
+from .plan import Plan, fold_batch_norm, make_plan
 from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
+from .weights import WeightsError, init_params, load_weights, save_weights
 from .zoo import get, resnet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model", "Plan", "ResNetSpec", "SpecError", "StageSpec", "StemSpec", "Summary", "WeightsError",
+    "build", "fold_batch_norm", "get", "init_params", "load_weights", "make_plan", "resnet", "save_weights",
+    "summary", "zoo",
+]

@@ -67,10 +67,11 @@ def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm:
             elif op.kind == "linear":
                 value = rng.uniform(-1, 1, shape) / math.sqrt(layer.in_features)
             elif randomize_batch_norm:
-                value = {"weight": lambda: rng.uniform(0.5, 1.5, shape),
-                         "bias": lambda: rng.normal(0.0, 0.2, shape),
-                         "running_mean": lambda: rng.normal(0.0, 0.2, shape),
-                         "running_var": lambda: rng.uniform(0.5, 2.0, shape)}[suffix]()
+                low_high = {"weight": (0.5, 1.5), "running_var": (0.5, 2.0)}
+                if suffix in low_high:
+                    value = rng.uniform(*low_high[suffix], shape)
+                else:  # bias, running_mean
+                    value = rng.normal(0.0, 0.2, shape)
             else:
                 one = suffix == "running_var" or (suffix == "weight" and not layer.zero_init)
                 value = np.full(shape, 1.0 if one else 0.0)

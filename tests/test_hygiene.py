@@ -1,0 +1,68 @@
+"""Import hygiene and backend availability messages."""
+
+import subprocess
+import sys
+
+import pytest
+
+from portres import backends
+
+FRAMEWORKS = ("mlx", "tinygrad", "torch")
+
+
+def python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_import_portres_loads_no_framework():
+    out = python("import sys, portres, portres.cli, portres.parity, portres.backends\n"
+                 "portres.backends.available()\n"
+                 f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
+    assert out.strip() == "[]"
+
+
+def test_building_numpy_models_loads_no_framework():
+    out = python("import sys, numpy as np, portres\n"
+                 "portres.build('resnet20', 'numpy')(np.zeros((1, 3, 32, 32)))\n"
+                 f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
+    assert out.strip() == "[]"
+
+
+def test_a_missing_framework_names_the_pip_extra():
+    # make tinygrad look uninstalled: a None entry in sys.modules blocks the import
+    code = ("import sys\n"
+            "sys.modules['tinygrad'] = None\n"
+            "import portres\n"
+            "from portres import backends\n"
+            "print(backends.unavailable_reason('tinygrad'))\n"
+            "print('tinygrad' in backends.available())\n"
+            "try:\n    portres.build('resnet20', 'tinygrad')\n"
+            "except backends.BackendUnavailable as e:\n    print(e)\n")
+    out = python(code).splitlines()
+    assert out[0] == "tinygrad is not installed: pip install 'portres[tinygrad]'"
+    assert out[1] == "False"
+    assert "backend 'tinygrad' cannot run" in out[2] and "portres[tinygrad]" in out[2]
+
+
+def test_tinygrad_without_clang_says_how_to_fix(monkeypatch):
+    monkeypatch.setattr(backends.shutil, "which", lambda name: None)
+    monkeypatch.setattr(backends.platform, "system", lambda: "Linux")
+    reason = backends.unavailable_reason("tinygrad")
+    if reason and "not installed" in reason:
+        pytest.skip("tinygrad is not installed")
+    assert "clang" in reason and "apt-get install clang" in reason
+    assert backends.unavailable_reason("tinygrad", device="CUDA") is None or "not installed" in reason
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(backends.BackendUnavailable, match="unknown backend 'jax'"):
+        backends.load("jax")
+
+
+@pytest.mark.skipif("mlx" not in backends.available(), reason="mlx not installed")
+def test_mlx_reports_an_optimized_blas_on_linux():
+    import platform
+
+    info = backends.load("mlx").info()
+    if platform.system() == "Linux":
+        assert info["blas"].startswith("OpenBLAS"), info["blas"]
