@@ -21,9 +21,12 @@ import sys
 
 import numpy as np
 
+_BLAS_LIBRARY = None  # ctypes handle of the OpenBLAS we loaded (to set its thread count)
+
 
 def _load_optimized_blas() -> str:
     """Load OpenBLAS globally before mlx.core; return a description of the BLAS MLX will use."""
+    global _BLAS_LIBRARY
     if platform.system() == "Darwin":
         return "Accelerate (macOS)"
     if "mlx.core" in sys.modules:
@@ -49,6 +52,8 @@ def _load_optimized_blas() -> str:
         try:
             library.openblas_get_config.restype = ctypes.c_char_p
             config = library.openblas_get_config().decode()
+            library.openblas_set_num_threads  # noqa: B018 - must exist for per-pass thread control
+            _BLAS_LIBRARY = library
         except AttributeError:
             config = "unknown config"
         return f"OpenBLAS ({config}) from {path}"
@@ -80,6 +85,17 @@ def info() -> dict:
             "default_device": str(mx.default_device().type).split(".")[-1], "blas": BLAS}
 
 
+def _cpu_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _set_blas_threads(threads: int) -> None:
+    if _BLAS_LIBRARY is not None:
+        _BLAS_LIBRARY.openblas_set_num_threads(max(1, threads))
+
+
 def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.ndarray:
     """In-bounds pixels under each ceil-mode pooling window, shaped (1, H_out, W_out, 1)."""
     def per_axis(n):
@@ -92,7 +108,7 @@ def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.n
 class Backend:
     name = NAME
 
-    def __init__(self, device: str | None = None, dtype: str | None = None):
+    def __init__(self, device: str | None = None, dtype: str | None = None, cpu_streams: int | None = None):
         if device is None:
             self._device = mx.default_device()
         elif device in ("cpu", "gpu"):
@@ -106,6 +122,14 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"MLX backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
         self._dtype = DTYPES[self.dtype]
+        # MLX runs a CPU stream's elementwise ops on one thread, and those passes are
+        # memory-bound. One stream per core, each taking a slice of the batch (with one BLAS
+        # thread each), keeps every core busy: ResNet-50 batch 16 goes 15 -> 21 images/s.
+        if cpu_streams is None:
+            cpu_streams = _cpu_cores() if self.device == "cpu" else 1
+        if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
+            raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
+        self._streams = [mx.new_stream(self._device) for _ in range(cpu_streams)]
 
     # -- arrays and parameters --
 
@@ -130,12 +154,21 @@ class Backend:
         return loaded
 
     def compile(self, forward):
-        compiled = mx.compile(forward)
+        compiled = [mx.compile(forward) for _ in self._streams]  # traced separately per stream
+        cores = _cpu_cores()
 
         def run(params, x):
-            with mx.stream(self._device):
-                out = compiled(params, x)
-                mx.eval(out)
+            parts = min(len(self._streams), x.shape[0])
+            bounds = [x.shape[0] * i // parts for i in range(1, parts)]
+            chunks = mx.split(x, bounds, axis=0) if parts > 1 else [x]
+            if self.device == "cpu":
+                _set_blas_threads(cores // parts)  # batch 1: every core for the one GEMM stream
+            outs = []
+            for stream, function, chunk in zip(self._streams, compiled, chunks):
+                with mx.stream(stream):
+                    outs.append(function(params, chunk))
+            out = mx.concatenate(outs, axis=0) if parts > 1 else outs[0]
+            mx.eval(out)
             return out
 
         return run
@@ -153,7 +186,50 @@ class Backend:
     # -- primitives (NHWC) --
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
+        out_channels, kernel, _, in_channels = weight.shape
+        if groups == 1 and kernel == 1 and padding == 0:
+            return self._pointwise_conv(x, weight, bias, stride)
+        if groups == 1 and stride == 1 and padding == kernel // 2 and self.SHIFTED_GEMM_MIN_PIXELS \
+                and x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS:
+            return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
+        return y if bias is None else y + bias
+
+    # MLX's CPU conv is im2col + one GEMM; at large feature maps the im2col copy costs more
+    # than the GEMM (ResNet-50 3x3 at 56x56: 78 ms of copy vs 22 ms of GEMM), so there
+    # the conv becomes k*k accumulated GEMMs on shifted views instead (see _shifted_gemm_conv).
+    SHIFTED_GEMM_MIN_PIXELS = 28 * 28
+
+    def _pointwise_conv(self, x, weight, bias, stride):
+        # a 1x1 conv is one GEMM over pixels: (N*H*W, C) @ (C, O); MLX's conv path is 1.5-7x slower
+        if stride > 1:
+            x = x[:, ::stride, ::stride, :]
+        n, h, w, c = x.shape
+        kernel = weight.reshape(weight.shape[0], c).T
+        pixels = x.reshape(n * h * w, c)
+        y = pixels @ kernel if bias is None else mx.addmm(bias, pixels, kernel)
+        return y.reshape(n, h, w, -1)
+
+    def _shifted_gemm_conv(self, x, weight, bias, padding):
+        # Stride-1 KxK conv without im2col: on the zero-padded input flattened to rows of
+        # pixels, the tap (i, j) of every output pixel is the input row shifted by
+        # i*padded_width + j. So out = sum over taps of rows[shift:shift+M] @ W[i, j], each a
+        # contiguous slice (no copy) accumulated in place by addmm. Outputs are computed on
+        # the padded grid; the pad columns are garbage and sliced away.
+        n, h, w, c = x.shape
+        out_channels, kernel = weight.shape[0], weight.shape[1]
+        hp, wp = h + 2 * padding, w + 2 * padding
+        rows = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)]).reshape(n * hp * wp, c)
+        rows = mx.pad(rows, [(0, (kernel - 1) * (wp + 1)), (0, 0)])  # shifts past the end read zeros
+        taps = weight.transpose(1, 2, 3, 0)  # (K, K, C, O)
+        m = n * hp * wp
+        acc = None
+        for i in range(kernel):
+            for j in range(kernel):
+                shift = i * wp + j
+                tap = taps[i, j]
+                acc = rows[shift:shift + m] @ tap if acc is None else mx.addmm(acc, rows[shift:shift + m], tap)
+        y = acc.reshape(n, hp, wp, out_channels)[:, :h, :w, :]
         return y if bias is None else y + bias
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
