@@ -8,6 +8,11 @@ On Linux the ``mlx[cpu]`` wheel links the reference (netlib) BLAS, ~50x slower t
 optimized one. Its BLAS symbols resolve through the global scope, so loading OpenBLAS
 with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported makes MLX use it. This module does
 that on import and reports the outcome as ``info()["blas"]``.
+
+Speed on CPU (measured, see benchmarks/perf_log.md): 1x1 convs run as one GEMM, 3x3
+stride-1 convs on large maps as accumulated GEMMs over shifted views (no im2col copy), and
+the batch is split across one CPU stream per core, because MLX runs a stream's
+elementwise ops on a single thread.
 """
 
 from __future__ import annotations

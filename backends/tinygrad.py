@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 try:
-    from tinygrad import Device, GlobalCounters, Tensor, TinyJit, dtypes
+    from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
@@ -71,8 +71,9 @@ def _dtype_problem(device: str, dtype: str) -> str | None:
 class Backend:
     name = NAME
 
-    def __init__(self, device: str | None = None, dtype: str | None = None):
+    def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool = True):
         self.device = _open_device(device)
+        self.winograd = winograd  # Winograd 3x3 convs (tinygrad's WINO)
         self.dtype = dtype or "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
@@ -121,14 +122,18 @@ class Backend:
     # -- primitives (NCHW) --
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
-        return x.conv2d(weight, bias, groups=groups, stride=stride, padding=padding)
+        # Winograd F(4x4, 3x3) for stride-1 3x3 convs: ~4x fewer multiplies; on CPU ResNet-18
+        # goes 3.8 -> 9.3 images/s, ResNet-50 1.8 -> 2.6, parity unchanged (1e-6)
+        with Context(WINO=int(self.winograd)):
+            return x.conv2d(weight, bias, groups=groups, stride=stride, padding=padding)
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
         scale = weight * (var + eps).rsqrt()
         return x * scale.reshape(1, -1, 1, 1) + (bias - mean * scale).reshape(1, -1, 1, 1)
 
     def relu(self, x):
-        return x.relu()
+        # realise activations: otherwise the next conv recomputes (BN-)ReLU inside its reduce loop
+        return x.relu().contiguous()
 
     def max_pool(self, x, kernel_size, stride, padding):
         return x.max_pool2d((kernel_size, kernel_size), stride=stride, padding=padding)
@@ -143,7 +148,8 @@ class Backend:
         return x.pad((None, (before, after), None, None))
 
     def add(self, x, y):
-        return x + y
+        # realise the shortcut: fused into the block's last conv, a projection ran at 4 GFLOP/s
+        return x + y.contiguous()
 
     def global_avg_pool(self, x):
         return x.mean(axis=(2, 3))

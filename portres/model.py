@@ -88,12 +88,13 @@ def resolve_spec(spec) -> ResNetSpec:
 
 
 def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,
-          fold_batch_norm_into_conv: bool | None = None, seed: int = 0) -> Model:
+          fold_batch_norm_into_conv: bool | None = None, seed: int = 0, **backend_options) -> Model:
     """Lower ``spec`` (a ResNetSpec or preset name) to ``backend``.
 
     ``params``: a mapping or weights file checked strictly against the spec (``None``:
     ``init_params(spec, seed)``). ``dtype``: the backend's compute dtype (``None``: float64
     for numpy, float32 elsewhere). BN folding defaults to what the backend prefers.
+    ``backend_options`` go to the backend (mlx: ``cpu_streams``; torch: ``channels_last``).
 
         >>> logits = portres.build("resnet18", "tinygrad", device="CPU")(images)
     """
@@ -101,7 +102,7 @@ def build(spec, backend: str = "numpy", params=None, *, device: str | None = Non
 
     spec = resolve_spec(spec)
     module = backends.load(backend, device)
-    lowering = module.Backend(device=device, dtype=dtype)
+    lowering = module.Backend(device=device, dtype=dtype, **backend_options)
     plan = make_plan(spec)
     params = init_params(plan, seed) if params is None else load_weights(params, plan)
     fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv

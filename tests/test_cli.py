@@ -4,10 +4,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from portres.cli import main
 
 import portres
 from portres import backends
+from portres.cli import main
 
 FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from portres.backends.numpy import Backend
 
 import portres
+from portres.backends.numpy import Backend
 
 reference = Backend()
 rng = np.random.default_rng(0)

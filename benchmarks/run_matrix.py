@@ -1,0 +1,107 @@
+"""Run the standard benchmark matrix and write BENCHMARKS.md.
+
+    python benchmarks/run_matrix.py --output BENCHMARKS.md          # or: make matrix
+
+Networks x every available backend (plus the torch peer when installed) x batch 1 and 16,
+ResNet inputs at 224x224 in float32; each cell in its own process (portres.bench). Numbers
+are recorded here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+import portres
+from portres import backends, bench
+
+NETWORKS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnetv2_50"]
+BATCHES = [1, 16]
+
+
+def memory_gib() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        return f"{kib / 2**20:.0f} GiB"
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--networks", default=",".join(NETWORKS))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--backends", default=None, help="default: every available backend except numpy")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--log", default=str(Path(__file__).with_name("perf_log.md")),
+                        help="speed-work log appended to the report")
+    args = parser.parse_args()
+
+    names = args.backends.split(",") if args.backends else [b for b in backends.available() if b != "numpy"]
+    records, failures = [], []
+    for network in args.networks.split(","):
+        spec = portres.get(network)
+        for batch in map(int, args.batches.split(",")):
+            for backend in names:
+                config = bench.BenchConfig(backend, spec.to_dict(), batch=batch, input_size=224, dtype="float32",
+                                           warmup=2, iters=args.iters if batch > 1 else 4 * args.iters)
+                print(f"{network} batch {batch} {backend} ...", file=sys.stderr, flush=True)
+                try:
+                    records.append(bench.run_in_subprocess(config))
+                except bench.BenchError as error:
+                    failures.append(f"{network} batch {batch}: {error}")
+    Path(args.output).write_text(report(records, failures, Path(args.log)))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def report(records: list[dict], failures: list[str], log: Path) -> str:
+    today = datetime.date.today().isoformat()
+    frameworks = sorted({r["framework"] for r in records})
+    blas = sorted({f"{r['backend']}: {r['blas']}" for r in records if r.get("blas")})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Forward-pass inference, float32, 224x224, seeded weights, input kept on the device; median of",
+        "timed passes after 2 warm-up passes (the first call — compile / JIT capture — is reported apart).",
+        "Written by `benchmarks/run_matrix.py` (`make matrix`); numbers are never asserted in tests.",
+        "",
+        f"- date: {today}",
+        f"- machine: {bench.cpu_model()}, {os.cpu_count()} CPUs ({bench.cpu_flags()}), {memory_gib()} RAM, "
+        f"{platform.system()} {platform.machine()}",
+        f"- sgemm peak (NumPy float32 2048^3, measured): {bench.measure_sgemm_peak():.0f} GFLOP/s",
+        f"- Python {platform.python_version()}; " + "; ".join(frameworks),
+        *[f"- BLAS {b}" for b in blas],
+        "",
+    ]
+    for network in dict.fromkeys(r["network"] for r in records):
+        rows = [r for r in records if r["network"] == network]
+        lines += [f"## {network} ({rows[0]['gmacs_per_image']:.3f} GMACs/image)", "",
+                  "| backend | batch | images/s | median ms | p90 ms | first call s | GFLOP/s | peak RSS MiB "
+                  "| vs torch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for batch in dict.fromkeys(r["batch"] for r in rows):
+            same = [r for r in rows if r["batch"] == batch]
+            torch = next((r["images_per_s"] for r in same if r["backend"] == "torch"), None)
+            for r in same:
+                ratio = f"{r['images_per_s'] / torch:.2f}x" if torch else "-"
+                cells = [r["backend"], batch, f"{r['images_per_s']:.2f}", f"{r['latency_median_s'] * 1e3:.1f}",
+                         f"{r['latency_p90_s'] * 1e3:.1f}", f"{r['first_call_s']:.2f}", f"{r['gflop_per_s']:.1f}",
+                         f"{r['peak_rss_bytes'] / 2**20:,.0f}", ratio]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    if failures:
+        lines += ["## Cells that did not run", ""] + [f"- {f}" for f in failures] + [""]
+    if log.is_file():
+        lines += [log.read_text().replace("# Speed work log", "## Speed work log", 1)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

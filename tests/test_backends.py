@@ -1,0 +1,62 @@
+"""Backend-specific mechanics: options that change how a backend computes must not change what."""
+
+import numpy as np
+import pytest
+
+import portres
+from portres import backends, parity
+
+AVAILABLE = backends.available()
+
+
+@pytest.fixture(scope="module")
+def case():
+    spec = portres.get("resnet20")
+    images, params = parity.parity_case(spec, 32, batch=5, seed=3)
+    return spec, images, params, parity.Reference(spec, images, params).logits
+
+
+@pytest.mark.skipif("mlx" not in AVAILABLE, reason="mlx not installed")
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_mlx_splits_the_batch_across_cpu_streams_without_changing_results(case, streams):
+    spec, images, params, reference = case
+    model = portres.build(spec, "mlx", params, device="cpu", cpu_streams=streams)
+    assert parity.relative_error(model(images), reference) < 1e-5  # 5 images: uneven 2/2/1 split at 3
+    assert parity.relative_error(model(images[:1]), reference[:1]) < 1e-5
+
+
+@pytest.mark.skipif("mlx" not in AVAILABLE, reason="mlx not installed")
+def test_mlx_rejects_bad_stream_counts_and_devices():
+    with pytest.raises(ValueError, match="cpu_streams=0 must be a positive integer"):
+        portres.build("resnet20", "mlx", cpu_streams=0)
+    with pytest.raises(ValueError, match="MLX devices are 'cpu' and 'gpu', not 'tpu'"):
+        portres.build("resnet20", "mlx", device="tpu")
+
+
+@pytest.mark.skipif("mlx" not in AVAILABLE, reason="mlx not installed")
+@pytest.mark.parametrize("size", [27, 28, 40])  # around the shifted-GEMM threshold (28x28 pixels)
+def test_mlx_conv_paths_agree_with_the_reference_on_both_sides_of_the_threshold(size):
+    (result,) = parity.check("resnet18", ["mlx"], input_size=size * 4, batch=1)
+    assert result.passed, result.to_dict()
+
+
+@pytest.mark.skipif("tinygrad" not in AVAILABLE, reason="tinygrad not installed")
+@pytest.mark.parametrize("winograd", [True, False])
+def test_tinygrad_with_and_without_winograd(case, winograd):
+    spec, images, params, reference = case
+    model = portres.build(spec, "tinygrad", params, winograd=winograd)
+    assert parity.relative_error(model(images), reference) < 1e-5
+
+
+@pytest.mark.skipif("tinygrad" not in AVAILABLE, reason="tinygrad not installed")
+def test_tinygrad_unknown_device_lists_what_is_known():
+    with pytest.raises(ValueError, match="unknown tinygrad device 'TPU'"):
+        portres.build("resnet20", "tinygrad", device="TPU")
+
+
+@pytest.mark.skipif("tinygrad" not in AVAILABLE, reason="tinygrad not installed")
+def test_tinygrad_jit_replays_give_the_same_answer(case):
+    spec, images, params, reference = case
+    model = portres.build(spec, "tinygrad", params)
+    outputs = [model(images) for _ in range(4)]  # call 2 captures, calls 3+ replay
+    assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
