@@ -11,14 +11,14 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@.ci/system-deps
+	@PYTHON=$(PYTHON) .ci/system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[all,test]'
 	@touch $@
 
 system-deps:
-	@.ci/system-deps
+	@PYTHON=$(PYTHON) .ci/system-deps
 
 bench: setup
 	$(BIN)/portres bench --backend mlx --depth 50

@@ -135,6 +135,8 @@ class Backend:
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self._streams = [mx.new_stream(self._device) for _ in range(cpu_streams)]
+        self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
+                        "(all cores for one stream at batch 1)") if self.device == "cpu" else "device"
 
     # -- arrays and parameters --
 
@@ -191,12 +193,12 @@ class Backend:
     # -- primitives (NHWC) --
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
-        out_channels, kernel, _, in_channels = weight.shape
-        if groups == 1 and kernel == 1 and padding == 0:
-            return self._pointwise_conv(x, weight, bias, stride)
-        if groups == 1 and stride == 1 and padding == kernel // 2 and self.SHIFTED_GEMM_MIN_PIXELS \
-                and x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS:
-            return self._shifted_gemm_conv(x, weight, bias, padding)
+        kernel = weight.shape[1]
+        if self.device == "cpu" and groups == 1:  # CPU paths, measured on CPU; the GPU conv is its own
+            if kernel == 1 and padding == 0:
+                return self._pointwise_conv(x, weight, bias, stride)
+            if stride == 1 and padding == kernel // 2 and x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS:
+                return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
         return y if bias is None else y + bias
 

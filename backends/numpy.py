@@ -42,6 +42,7 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"the numpy backend computes in {' or '.join(DTYPES)}, not {self.dtype!r}")
         self._np_dtype = np.dtype(self.dtype)
+        self.threads = "NumPy's BLAS default"  # for reports
 
     # -- arrays and parameters --
 

@@ -12,6 +12,7 @@ import numpy as np
 try:
     from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
+    from tinygrad.helpers import NUM_CPU_THREADS
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
 
@@ -74,6 +75,7 @@ class Backend:
     def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool = True):
         self.device = _open_device(device)
         self.winograd = winograd  # Winograd 3x3 convs (tinygrad's WINO)
+        self.threads = f"{NUM_CPU_THREADS.value} CPU threads" if self.device.startswith("CPU") else "device"
         self.dtype = dtype or "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
@@ -117,7 +119,9 @@ class Backend:
         Device[self.device].synchronize()
 
     def memory(self) -> dict:
-        return {"device_memory_bytes": GlobalCounters.mem_used_per_device.get(self.device, GlobalCounters.mem_used)}
+        # tinygrad counts live device buffers, not a peak: this is what the model holds after a pass
+        in_use = GlobalCounters.mem_used_per_device.get(self.device, GlobalCounters.mem_used)
+        return {"device_memory_in_use_bytes": in_use}
 
     # -- primitives (NCHW) --
 

@@ -34,7 +34,7 @@ def devices() -> list[str]:
 def info() -> dict:
     return {"framework": f"torch {importlib.metadata.version('torch')}", "devices": devices(),
             "default_device": "cpu", "blas": torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0]
-            if "BLAS_INFO=" in torch.__config__.show() else "unknown", "threads": torch.get_num_threads()}
+            if "BLAS_INFO=" in torch.__config__.show() else "unknown"}
 
 
 class Backend:
@@ -51,6 +51,7 @@ class Backend:
             raise ValueError(f"torch backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
         self._dtype = DTYPES[self.dtype]
         self._format = torch.channels_last if channels_last else torch.contiguous_format
+        self.threads = f"{torch.get_num_threads()} intra-op threads" if self.device == "cpu" else "device"
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device, self._dtype)

@@ -17,20 +17,38 @@ from portres import analysis, zoo
 from portres.spec import ResNetSpec, SpecError
 from portres.weights import WeightsError
 
-USER_ERRORS = (SpecError, WeightsError, ValueError, KeyError, FileNotFoundError, RuntimeError, MemoryError)
+USER_ERRORS = (SpecError, WeightsError, ValueError, KeyError, OSError, RuntimeError, MemoryError)
+
+
+def fail(message: str) -> None:
+    """The one line every user error prints; the exit status is 2."""
+    click.echo(f"portres: error: {message}", err=True)
+    sys.exit(2)
 
 
 class _Group(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:  # click would print the usage block; one line is enough
+            where = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+            fail(f"{error.format_message()}{where}")
+        except click.ClickException as error:
+            fail(error.format_message())
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except MemoryError:
+            fail("out of memory: lower --batch or --input-size, or use a smaller network")
         except USER_ERRORS as error:
-            message = str(error) if not isinstance(error, MemoryError) else \
-                "out of memory: lower --batch or --input-size, or use a smaller network"
-            click.echo(f"portres: error: {message}", err=True)
-            ctx.exit(2)
+            fail(str(error))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,10 +80,16 @@ def load_spec(name: str | None, spec_file: str | None, depth: int | None = None)
         if not path.is_file():
             raise FileNotFoundError(f"spec file {spec_file} does not exist")
         try:
-            return ResNetSpec.from_json(path.read_text())
+            return ResNetSpec.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"spec file {spec_file} cannot be read: {error}") from None
         except SpecError as error:
             raise SpecError(f"{spec_file}: {error}") from None
     if depth is not None:
+        if f"resnet{depth}" not in zoo.names():
+            raise ValueError(f"unknown depth {depth}: ImageNet ResNets have depth "
+                             f"{'/'.join(map(str, zoo.IMAGENET_DEPTHS))}, CIFAR ResNets "
+                             f"{'/'.join(map(str, zoo.CIFAR_DEPTHS))}; other presets by name: --arch NAME")
         return zoo.get(f"resnet{depth}")
     return zoo.get(name)
 
@@ -187,7 +211,7 @@ def _fmt_error(x: float) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", help="Device for every backend (e.g. CPU, CUDA for tinygrad; cpu, gpu for mlx).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per backend.")
 def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, device, seed, as_json):
     """Run one input through the float64 reference and each backend; compare.
@@ -198,7 +222,7 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, devi
     from portres import parity as checker
 
     spec = load_spec(name, spec_file, depth)
-    size = input_size or (32 if spec.stem.kind == "cifar" else 64)
+    size = input_size or checker.default_input_size(spec)
     results = checker.check(spec, _backend_list(backend_names, include_numpy=False), input_size=size,
                             batch=batch, dtype=dtype, seed=seed, device=device)
     if as_json:
@@ -208,6 +232,9 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, devi
         click.echo(f"{spec.name}: batch {batch} at {size}x{size}, seed {seed}, vs float64 NumPy reference\n")
         rows = []
         for r in results:
+            if r.error:
+                rows.append([r.backend, r.device, r.dtype, "-", "-", "-", f"{r.tolerance:.0e}", "ERROR"])
+                continue
             stage, worst = r.worst_stage
             rows.append([r.backend, r.device, r.dtype, _fmt_error(r.logits_error), f"{stage} {_fmt_error(worst)}",
                          _fmt_error(r.max_abs_error), f"{r.tolerance:.0e}", "pass" if r.passed else "FAIL"])
@@ -230,14 +257,14 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, devi
 @click.option("--device", help="Backend device (tinygrad: CPU, CUDA, METAL, CL; mlx: cpu, gpu; torch: cpu, cuda).")
 @click.option("--batch", type=click.IntRange(min=1), help="Images per pass (default: 16 on CPU, 64 on GPU).")
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+              help="Compute dtype (default: float32; the numpy reference: float64).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed passes.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed passes.")
 @click.option("--beam", type=click.IntRange(min=0), default=0, show_default=True,
               help="tinygrad BEAM search width (kernels cached on disk; 0: off).")
 @click.option("--profile", is_flag=True, help="Also time each op kind, op by op.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per backend on stdout.")
 def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtype, warmup, iters, beam, profile,
           seed, as_json):
@@ -256,19 +283,15 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     spec = load_spec(name, spec_file, depth)
     check_input_size(make_plan(spec), input_size)
     explicit = backend_names != "all"
-    names = _backend_list(backend_names, include_numpy=True)
-    for backend in names:
-        reason = registry.unavailable_reason(backend, device)
-        if reason and explicit:
-            raise ValueError(f"backend {backend!r} cannot run: {reason}")
-    names = [n for n in names if registry.unavailable_reason(n, device) is None]
-    batch = batch or runner.default_batch(device)
-    peak = runner.measure_sgemm_peak() if (device is None or device.lower().startswith("cpu")) else None
+    reasons = {n: registry.unavailable_reason(n, device) for n in _backend_list(backend_names, include_numpy=True)}
+    if explicit and any(reasons.values()):
+        backend, reason = next((n, r) for n, r in reasons.items() if r)
+        raise ValueError(f"backend {backend!r} cannot run: {reason}")
+    peak = None
     records, failures = [], []
-    for backend in names:
+    for backend in (n for n, reason in reasons.items() if reason is None):
         config = runner.BenchConfig(backend, spec.to_dict(), device=device, batch=batch, input_size=input_size,
-                                    dtype=None if backend == "numpy" and dtype == "float32" else dtype,
-                                    warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile)
+                                    dtype=dtype, warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile)
         try:
             record = runner.run_in_subprocess(config)
         except runner.BenchError as error:
@@ -276,7 +299,8 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
                 raise ValueError(str(error)) from None
             failures.append(str(error))
             continue
-        if peak:
+        if record["device"].lower().startswith("cpu"):  # the peak we can measure is the CPU's
+            peak = peak or runner.measure_sgemm_peak()
             record["sgemm_peak_gflop_per_s"] = peak
             record["fraction_of_sgemm_peak"] = record["gflop_per_s"] / peak
         records.append(record)
@@ -287,10 +311,13 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     if as_json:
         for r in records:
             click.echo(json.dumps(r))
+        for failure in failures:
+            click.echo(f"portres: skipped {failure}", err=True)
     else:
         _print_bench(spec, records, failures, peak)
     if not records:
-        raise ValueError("no backend could be benchmarked: " + "; ".join(failures))
+        raise ValueError("no backend could be benchmarked: " + ("; ".join(failures) or
+                                                             "none is available here (see `portres backends`)"))
 
 
 def _print_bench(spec, records, failures, peak):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .plan import INPUT, Plan, make_plan
+from .plan import INPUT, Plan, as_plan
 from .spec import ResNetSpec
 
 
@@ -54,10 +54,6 @@ class Summary:
                 "ops": [dict(row.__dict__, output_shape=list(row.output_shape)) for row in self.rows]}
 
 
-def _as_plan(spec_or_plan) -> Plan:
-    return spec_or_plan if isinstance(spec_or_plan, Plan) else make_plan(spec_or_plan)
-
-
 def _hw(input_size) -> tuple[int, int]:
     if isinstance(input_size, int):
         return (input_size, input_size)
@@ -91,7 +87,7 @@ def check_input_size(plan: Plan, input_size) -> None:
 
 def summary(spec: ResNetSpec | Plan, input_size=224) -> Summary:
     """Counts for ``spec`` at ``input_size`` (int or (H, W)); see the module docstring."""
-    plan = _as_plan(spec)
+    plan = as_plan(spec)
     shapes = infer_shapes(plan, input_size)
     rows = []
     for op in plan.ops:

@@ -24,6 +24,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -42,7 +43,7 @@ class BenchConfig:
     backend: str  # backend name
     spec: dict  # ResNetSpec.to_dict()
     device: str | None = None  # backend device; None: the framework's default
-    batch: int = 16  # images per forward pass
+    batch: int | None = None  # images per forward pass; None: default_batch(the backend's device)
     input_size: int = 224  # square input side
     dtype: str | None = None  # compute dtype; None: the backend's default
     warmup: int = 2  # untimed passes after the first call (TinyJit captures on the 2nd)
@@ -64,17 +65,32 @@ def _percentile(values: list[float], q: float) -> float:
 class _Progress:
     """Progress on stderr once a run has taken more than a few seconds."""
 
+    DELAY_S = 3.0
+
     def __init__(self, label: str):
         self.label, self.start, self.shown = label, time.perf_counter(), False
         self.tty = sys.stderr.isatty()
+        self._timer = None
 
     def __call__(self, message: str, final: bool = False) -> None:
-        if time.perf_counter() - self.start < 3 and not self.shown:
+        self.cancel()
+        if time.perf_counter() - self.start < self.DELAY_S and not self.shown:
+            # a step that may run long: say what it is if it is still running after the delay
+            self._timer = threading.Timer(self.DELAY_S, self._show, (message, False))
+            self._timer.daemon = True
+            self._timer.start()
             return
+        self._show(message, final)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _show(self, message: str, final: bool) -> None:
         self.shown = True
         if self.tty:
-            end = "\n" if final else ""
-            sys.stderr.write(f"\r\033[K[{self.label}] {message}{end}")
+            sys.stderr.write(f"\r\033[K[{self.label}] {message}" + ("\n" if final else ""))
         else:
             sys.stderr.write(f"[{self.label}] {message}\n")
         sys.stderr.flush()
@@ -95,34 +111,47 @@ def profile_ops(model, x_on_device, batch: int, input_size: int) -> list[dict]:
 
     Two passes; the second is reported, so one-off kernel compilation is not counted.
     """
+    from .analysis import summary
+
+    macs_of = {row.name: row.macs for row in summary(model.plan, input_size).rows}
     for _ in range(2):
-        profile = _profile_pass(model, x_on_device, batch, input_size)
+        profile = _profile_pass(model, x_on_device, batch, macs_of)
     return profile
 
 
-def _profile_pass(model, x_on_device, batch: int, input_size: int) -> list[dict]:
-    from .analysis import summary
-    from .plan import INPUT, apply_op
+class _TimedPrimitives:
+    """The backend's primitives, each realised, synchronised and timed under the current op."""
 
-    backend, plan = model.backend, model.plan
-    macs_of = {row.name: row.macs for row in summary(plan, input_size).rows}
-    values, seconds, macs = {INPUT: x_on_device}, {}, {}
-    last_use = plan.last_uses()
-    for index, op in enumerate(plan.ops):
-        args = [values[name] for name in op.inputs]
-        start = time.perf_counter()
-        values[op.output] = backend.realize(apply_op(backend, op, args, model.params))
-        backend.synchronize()
-        label = op_label(op)
-        seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
-        macs[label] = macs.get(label, 0) + macs_of[op.name]
-        for name in set(op.inputs):
-            if last_use[name] == index:
-                del values[name]
-    total = sum(seconds.values())
+    def __init__(self, backend):
+        self.backend, self.label, self.seconds = backend, "", {}
+
+    def __getattr__(self, name):
+        primitive = getattr(self.backend, name)
+
+        def timed(*args):
+            start = time.perf_counter()
+            out = self.backend.realize(primitive(*args))
+            self.backend.synchronize()
+            self.seconds[self.label] = self.seconds.get(self.label, 0.0) + time.perf_counter() - start
+            return out
+
+        return timed
+
+
+def _profile_pass(model, x_on_device, batch: int, macs_of: dict[str, int]) -> list[dict]:
+    from .plan import run_plan
+
+    timed, macs = _TimedPrimitives(model.backend), {}
+
+    def enter(op, args):
+        timed.label = op_label(op)
+        macs[timed.label] = macs.get(timed.label, 0) + macs_of[op.name]
+
+    run_plan(model.plan, timed, model.params, x_on_device, before_op=enter)
+    total = sum(timed.seconds.values())
     return [{"op": label, "seconds": t, "share": t / total,
              "gflop_per_s": 2 * macs[label] * batch / t / 1e9 if macs[label] else 0.0}
-            for label, t in sorted(seconds.items(), key=lambda item: -item[1])]
+            for label, t in sorted(timed.seconds.items(), key=lambda item: -item[1])]
 
 
 def run_benchmark(config: BenchConfig) -> dict:
@@ -135,13 +164,14 @@ def run_benchmark(config: BenchConfig) -> dict:
     from .spec import ResNetSpec
 
     spec = ResNetSpec.from_dict(config.spec)
-    progress = _Progress(f"{config.backend} {spec.name} batch {config.batch}")
+    progress = _Progress(f"{config.backend} {spec.name}")
     module = backends.load(config.backend, config.device)
     rss_start = _peak_rss_bytes()
     started = time.perf_counter()
     model = build(spec, config.backend, device=config.device, dtype=config.dtype, seed=config.seed)
     build_s = time.perf_counter() - started
     backend = model.backend
+    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
     rng = np.random.default_rng(config.seed)
     images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
     x = backend.from_numpy(model.check_input(images.astype(np.float32)))
@@ -175,13 +205,14 @@ def run_benchmark(config: BenchConfig) -> dict:
         "latency_p90_s": _percentile(latencies, 90), "latency_min_s": min(latencies), "first_call_s": first_call_s,
         "build_s": build_s, "gmacs_per_image": macs / 1e9, "gflop_per_s": 2 * macs * config.batch / median / 1e9,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_growth_bytes": _peak_rss_bytes() - rss_start, **backend.memory(),
-        "framework": info["framework"], "blas": info.get("blas"), "threads": info.get("threads", os.cpu_count()),
+        "framework": info["framework"], "blas": info.get("blas"), "threads": backend.threads,
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
     }
     progress(f"{record['images_per_s']:.2f} images/s (median {median * 1e3:.0f} ms)", final=True)
     if config.profile:
         progress("profiling op by op ...")
         record["profile"] = profile_ops(model, x, config.batch, config.input_size)
+    progress.cancel()
     return record
 
 
@@ -190,6 +221,9 @@ def run_benchmark(config: BenchConfig) -> dict:
 
 class BenchError(RuntimeError):
     """A backend's benchmark failed for a reason the user can fix (message says how)."""
+
+
+RESULT_PREFIX = "PORTRES-BENCH-RESULT "  # marks the child's one result line on stdout
 
 
 def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict:
@@ -201,8 +235,8 @@ def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict
         raise BenchError(f"{config.backend}: no result within {timeout:.0f} s; lower --iters or --batch") from None
     if child.returncode in (-9, 137):
         raise BenchError(f"{config.backend}: killed by the OS, most likely out of memory: lower --batch "
-                         f"(now {config.batch}) or --input-size")
-    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+                         f"(now {config.batch or 'the default'}) or --input-size")
+    lines = [line[len(RESULT_PREFIX):] for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if not lines:
         raise BenchError(f"{config.backend}: the benchmark process exited with status {child.returncode} "
                          "and no result (see the messages above)")
@@ -250,11 +284,16 @@ def _main(argv: list[str]) -> int:
         record = run_benchmark(config)
     except MemoryError:
         record = {"error": f"out of memory at batch {config.batch}: lower --batch or --input-size"}
-    except (ValueError, RuntimeError, KeyError) as error:
-        record = {"error": str(error)}
-        if not isinstance(error, ValueError):
+    except Exception as error:  # noqa: BLE001 - the parent prints one line; PORTRES_DEBUG=1 shows the traceback
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "out of memory" in text.lower() or "outofmemory" in type(error).__name__.lower():
+            text = f"out of device memory at batch {config.batch}: lower --batch or --input-size ({text})"
+        elif not isinstance(error, ValueError):  # ValueErrors are the user's; anything else is ours
+            text = f"{type(error).__name__}: {text} (PORTRES_DEBUG=1 shows the traceback)"
+        record = {"error": text}
+        if os.environ.get("PORTRES_DEBUG"):
             traceback.print_exc(file=sys.stderr)
-    print(json.dumps(record), flush=True)
+    print(RESULT_PREFIX + json.dumps(record), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import build, resolve_spec
-from .plan import INPUT, apply_op, make_plan
+from .plan import INPUT, make_plan, run_plan
 from .weights import init_params
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
@@ -41,23 +41,22 @@ def calibrate_batch_norm(spec, params: dict, images: np.ndarray, seed: int = 0) 
     """
     from .backends.numpy import Backend
 
-    plan, reference = make_plan(resolve_spec(spec)), Backend()
+    plan = make_plan(resolve_spec(spec))
     rng = np.random.default_rng(seed)
     params = dict(params)
-    values = {INPUT: np.asarray(images, np.float64)}
-    last_use = plan.last_uses()
-    for index, op in enumerate(plan.ops):
-        args = [values[name] for name in op.inputs]
-        if op.kind == "batch_norm":
-            scale = math.sqrt(float(np.mean(args[0] ** 2))) + 1e-12
-            channels = args[0].shape[1]
-            params[f"{op.name}.running_mean"] = (0.2 * scale * rng.standard_normal(channels)).astype(np.float32)
-            params[f"{op.name}.running_var"] = (scale**2 * rng.uniform(0.5, 2.0, channels)).astype(np.float32)
-        values[op.output] = apply_op(reference, op, args, {k: np.asarray(v, np.float64) for k, v in params.items()
-                                                           if k.startswith(op.name + ".")})
-        for name in set(op.inputs):
-            if last_use[name] == index:
-                del values[name]
+    params64 = {name: np.asarray(value, np.float64) for name, value in params.items()}
+
+    def set_statistics(op, args):
+        if op.kind != "batch_norm":
+            return
+        scale = math.sqrt(float(np.mean(args[0] ** 2))) + 1e-12
+        channels = args[0].shape[1]
+        params[f"{op.name}.running_mean"] = (0.2 * scale * rng.standard_normal(channels)).astype(np.float32)
+        params[f"{op.name}.running_var"] = (scale**2 * rng.uniform(0.5, 2.0, channels)).astype(np.float32)
+        for suffix in ("running_mean", "running_var"):
+            params64[f"{op.name}.{suffix}"] = params[f"{op.name}.{suffix}"].astype(np.float64)
+
+    run_plan(plan, Backend(), params64, np.asarray(images, np.float64), before_op=set_statistics)
     return params
 
 
@@ -102,27 +101,37 @@ class ParityResult:
 
 
 class Reference:
-    """The float64 reference run for one case, keeping the values comparisons need."""
+    """The float64 reference run for one case, keeping the values comparisons need.
+
+    ``keep_all`` keeps every intermediate value (for :func:`locate_divergence`); at large
+    inputs that is a lot of float64 memory, so :func:`check` makes it only on failure.
+    """
 
     def __init__(self, spec, images: np.ndarray, params: dict, keep_all: bool = False):
         self.model = build(spec, "numpy", params)
         plan = self.model.plan
         keep = [op.output for op in plan.ops] if keep_all else [v for _, v in plan.features] + [plan.output]
-        self.values = self.model.values(images, keep)
-        self.values[INPUT] = np.asarray(images, np.float64)
+        self.values = self.model.values(images, [INPUT, *keep])
         self.logits = self.values[plan.output]
         self.features = {name: self.values[value] for name, value in plan.features}
 
 
+def default_input_size(spec) -> int:
+    """Parity runs small: 32x32 for CIFAR stems, 64x64 otherwise (every stage still > 1x1)."""
+    return 32 if resolve_spec(spec).stem.kind == "cifar" else 64
+
+
 def compare(model, images: np.ndarray, reference: Reference) -> ParityResult:
-    """Run ``model`` once (logits and stage outputs together) and compare with ``reference``."""
+    """Compare ``model`` with ``reference``: logits through ``model(x)`` — the compiled path
+    users run (TinyJit, mx.compile, MLX's per-core streams) — and every stage output."""
     plan, lowering = model.plan, model.backend
     result = ParityResult(lowering.name, lowering.device, lowering.dtype, TOLERANCE[lowering.dtype])
-    values = model.values(images, [plan.output] + [value for _, value in plan.features])
-    result.logits_error = relative_error(values[plan.output], reference.logits)
-    result.max_abs_error = float(np.max(np.abs(values[plan.output] - reference.logits)))
-    result.stage_errors = {name: relative_error(values[value], reference.features[name])
-                           for name, value in plan.features}
+    logits = model(images)
+    result.logits_error = relative_error(logits, reference.logits)
+    result.max_abs_error = float(np.max(np.abs(logits - reference.logits))) if logits.shape == \
+        reference.logits.shape else math.inf
+    features = model.features(images)
+    result.stage_errors = {name: relative_error(features[name], reference.features[name]) for name, _ in plan.features}
     return result
 
 
@@ -141,21 +150,26 @@ def locate_divergence(model, reference: Reference) -> str | None:
     return None
 
 
-def check(spec, backends, *, input_size: int = 64, batch: int = 2, dtype: str = "float32", seed: int = 0,
+def check(spec, backends, *, input_size: int | None = None, batch: int = 2, dtype: str = "float32", seed: int = 0,
           device: str | None = None, locate: bool = True) -> list[ParityResult]:
-    """Parity of each backend in ``backends`` against the reference on one random case."""
+    """Parity of each backend in ``backends`` against the reference on one random case.
+
+    A backend that cannot be built or crashes is reported (``error``), and the others still run.
+    """
     spec = resolve_spec(spec)
-    images, params = parity_case(spec, input_size, batch, seed)
-    reference = Reference(spec, images, params, keep_all=locate)
+    images, params = parity_case(spec, input_size or default_input_size(spec), batch, seed)
+    reference = Reference(spec, images, params)
+    full_reference = None
     results = []
     for name in backends:
         try:
             model = build(spec, name, params, device=device, dtype=None if name == "numpy" else dtype)
+            result = compare(model, images, reference)
+            if not result.passed and locate:
+                full_reference = full_reference or Reference(spec, images, params, keep_all=True)
+                result.divergence = locate_divergence(model, full_reference)
         except Exception as error:  # noqa: BLE001 - reported per backend, the others still run
-            results.append(ParityResult(name, device or "-", dtype, TOLERANCE.get(dtype, 0), error=str(error)))
-            continue
-        result = compare(model, images, reference)
-        if not result.passed and locate:
-            result.divergence = locate_divergence(model, reference)
+            result = ParityResult(name, device or "-", dtype, TOLERANCE.get(dtype, 0),
+                                  error=f"{type(error).__name__}: {error}")
         results.append(result)
     return results

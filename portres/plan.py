@@ -247,6 +247,11 @@ class Plan:
         return last
 
 
+def as_plan(spec_or_plan) -> Plan:
+    """``spec_or_plan`` itself if it is a Plan, else its (cached) plan."""
+    return spec_or_plan if isinstance(spec_or_plan, Plan) else make_plan(spec_or_plan)
+
+
 class _Builder:
     """Appends ops while walking the spec; keeps the name of the current value."""
 
@@ -438,7 +443,7 @@ def fold_batch_norm(plan: Plan, params: dict) -> tuple[Plan, dict]:
 
 
 def apply_op(primitives, op: Op, args: list, params: dict):
-    """Run one op with a backend's primitives (see backends/README of the primitive set)."""
+    """Run one op with a backend's primitives (the set is listed in ``portres.backends``)."""
     layer, name = op.layer, op.name
     kind = layer.kind
     if kind == "conv2d":
@@ -466,17 +471,21 @@ def apply_op(primitives, op: Op, args: list, params: dict):
     raise NotImplementedError(f"no lowering for op kind {kind!r}")
 
 
-def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()) -> dict:
+def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = (), before_op=None) -> dict:
     """Execute ``plan`` on ``x``; returns ``{value name: array}`` for the output and ``keep``.
 
     Values are dropped after their last reader, so peak memory stays that of one block.
+    ``before_op(op, args)``, if given, runs before each op (and may update ``params``).
     """
     wanted = set(keep) | {plan.output}
     last_use = plan.last_uses()
     values = {INPUT: x}
     kept = {}
     for index, op in enumerate(plan.ops):
-        result = apply_op(primitives, op, [values[name] for name in op.inputs], params)
+        args = [values[name] for name in op.inputs]
+        if before_op is not None:
+            before_op(op, args)
+        result = apply_op(primitives, op, args, params)
         values[op.output] = result
         if op.output in wanted:
             kept[op.output] = result

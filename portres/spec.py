@@ -66,17 +66,16 @@ class StageSpec:
     width: int  # basic: block width; bottleneck: inner width before groups/width scaling (output = 4x)
     stride: int = 1  # stride of the stage's first block (later blocks use 1)
 
-    def validate(self, index: int) -> None:
-        _check_int(f"stages[{index}].blocks", self.blocks)
-        _check_int(f"stages[{index}].width", self.width)
-        _check_int(f"stages[{index}].stride", self.stride)
+    def __post_init__(self) -> None:
+        for field_name in ("blocks", "width", "stride"):
+            _check_int(f"stage.{field_name}", getattr(self, field_name))
 
 
 @dataclass(frozen=True)
 class ResNetSpec:
     """A whole residual network; see the module docstring for an example."""
 
-    name: str  # a label for tables and files; not part of the architecture's identity checks
+    name: str  # a label for tables, files and the zoo (part of equality, like every field)
     stages: tuple[StageSpec, ...]  # the stages in order (torchvision's layer1..layer4)
     block: str = "bottleneck"  # "basic", "bottleneck", "preact_basic" or "preact_bottleneck"
     stem: StemSpec = field(default_factory=StemSpec)  # layers before the first stage
@@ -101,7 +100,6 @@ class ResNetSpec:
         for index, stage in enumerate(self.stages):
             if not isinstance(stage, StageSpec):
                 raise SpecError(f"stages[{index}]={stage!r} must be a StageSpec")
-            stage.validate(index)
         if not isinstance(self.stem, StemSpec):
             raise SpecError(f"stem={self.stem!r} must be a StemSpec")
         _check_choice("block", self.block, BLOCK_KINDS)
@@ -127,6 +125,11 @@ class ResNetSpec:
         if self.zero_init_last_bn and not self.residual:
             raise SpecError(
                 "zero_init_last_bn=True needs residual=True: in a plain network it would zero every block's output"
+            )
+        if self.zero_init_last_bn and self.is_preactivation:
+            raise SpecError(
+                f"zero_init_last_bn=True does not apply to block={self.block!r}: pre-activation blocks end in a "
+                "conv, not a BN; leave it false"
             )
         channels = self.stem.width
         for index, stage in enumerate(self.stages):
@@ -212,6 +215,8 @@ class ResNetSpec:
                 built.append(StageSpec(**stage))
             except TypeError as error:  # a required key is missing
                 raise SpecError(f"stages[{index}]: {_missing(error)}") from None
+            except SpecError as error:
+                raise SpecError(f"stages[{index}]: {error}") from None
         data["stages"] = tuple(built)
         if "stem" in data:
             stem = data["stem"]

@@ -31,16 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .plan import Plan, make_plan
+from .plan import Plan, as_plan
 from .spec import ResNetSpec
 
 
 class WeightsError(ValueError):
     """Weights that do not fit the spec, or a file that cannot be read; nothing was loaded."""
-
-
-def _plan(spec: ResNetSpec | Plan) -> Plan:
-    return spec if isinstance(spec, Plan) else make_plan(spec)
 
 
 def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm: bool = False) -> dict[str, np.ndarray]:
@@ -54,7 +50,7 @@ def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm:
     ``randomize_batch_norm=True`` draws non-trivial BN scales, shifts and running
     statistics instead (for parity tests: identity BN hides bugs).
     """
-    plan = _plan(spec)
+    plan = as_plan(spec)
     params: dict[str, np.ndarray] = {}
     for op in plan.ops:
         layer = op.layer
@@ -152,7 +148,10 @@ def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise bad(f"entry {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype_name not in _SAFETENSORS_DTYPES:
+        integers = (*shape, begin, end)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in integers):
+            raise bad(f"entry {name!r} has a shape or offsets that are not non-negative integers")
+        if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
             raise bad(f"entry {name!r} has unsupported dtype {dtype_name!r}")
         itemsize = 2 if dtype_name == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype_name]).itemsize
         if not (0 <= begin <= end <= len(body)):
@@ -170,12 +169,14 @@ def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise WeightsError(f"{path}: holds a single array, not a .npz archive of named tensors")
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise WeightsError(f"{path}: not a valid .npz file ({type(error).__name__}: {error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.save output renamed to .npz
+        raise WeightsError(f"{path}: holds a single array, not a .npz archive of named tensors")
+    try:
+        with archive:
             return {name: archive[name] for name in archive.files}
-    except WeightsError:
-        raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
         raise WeightsError(f"{path}: not a valid .npz file ({type(error).__name__}: {error})") from None
 
@@ -199,7 +200,7 @@ def load_weights(source, spec: ResNetSpec | Plan) -> dict[str, np.ndarray]:
     reported in one :class:`WeightsError`. A torchvision ``state_dict`` loads as is
     (its ``num_batches_tracked`` counters are ignored). Nothing is returned half-loaded.
     """
-    plan = _plan(spec)
+    plan = as_plan(spec)
     origin = f"{source}" if isinstance(source, (str, os.PathLike)) else "the given mapping"
     if isinstance(source, (str, os.PathLike)):
         source = read_weights_file(source)

@@ -60,20 +60,24 @@ def test_run_in_subprocess_returns_the_record():
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "jax"], "unknown backend 'jax'"),
-    (["--depth", "51"], "unknown preset 'resnet51'"),
+    (["--depth", "51"], "unknown depth 51: ImageNet ResNets have depth 18/34/50/101/152"),
+    (["--batch", "0"], "Invalid value for '--batch': 0 is not in the range x>=1"),
+    (["--seed", "-1"], "Invalid value for '--seed'"),
     (["--arch", "resnet18", "--input-size", "16"], "input 16x16 is too small for resnet18"),
     (["--depth", "18", "--arch", "resnet18"], "exactly one of"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(args, message):
     result = invoke("bench", *args)
     assert result.exit_code == 2
+    assert result.output.startswith("portres: error: ") and result.output.count("\n") == 1, result.output
     assert message in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("option", ["--batch", "--iters"])
+@pytest.mark.parametrize("option", ["--batch", "--iters", "--input-size"])
 def test_non_positive_counts_are_rejected(option):
     result = invoke("bench", "--backend", "numpy", option, "0")
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    assert "--help" in result.output
 
 
 def test_a_dtype_the_backend_lacks_is_a_user_error(tiny_spec_file):

@@ -63,7 +63,9 @@ def test_spec_prints_round_trippable_json():
     (["spec", "resnet_50"], "unknown preset 'resnet_50'"),
     (["summary", "--spec", "/nonexistent.json"], "spec file /nonexistent.json does not exist"),
     (["summary", "resnet20", "--input-size", "2"], "input 2x2 is too small for resnet20"),
-    (["parity", "--depth", "51"], "unknown preset 'resnet51'"),
+    (["parity", "--depth", "51"], "unknown depth 51"),
+    (["summary", "resnet18", "--input-size", "x"], "Invalid value for '--input-size'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
     (["parity", "resnet20", "--backends", "jax"], "unknown backend 'jax'"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
@@ -87,7 +89,14 @@ def test_invalid_spec_file_is_a_user_error(tmp_path):
 
 def test_name_and_spec_together_is_a_usage_error(tmp_path):
     result = run("summary", "resnet18", "--spec", "x.json")
-    assert result.exit_code == 2 and "exactly one of" in result.output
+    assert result.exit_code == 2 and "exactly one of" in result.output and result.output.count("\n") == 1
+
+
+def test_unreadable_spec_file_names_the_file(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    result = run("summary", "--spec", str(path))
+    assert result.exit_code == 2 and f"spec file {path} cannot be read" in result.output
 
 
 def test_backends_reports_versions_and_blas():
@@ -118,3 +127,11 @@ def test_parity_command_fails_and_names_the_op_when_a_primitive_is_broken(monkey
     result = run("parity", "resnet20", "--backends", "mlx")
     assert result.exit_code == 1
     assert "FAIL" in result.output and "diverges first at relu (relu)" in result.output
+
+
+@pytest.mark.skipif("tinygrad" not in FRAMEWORKS, reason="tinygrad not installed")
+def test_parity_reports_a_backend_that_cannot_run_as_error():
+    result = run("parity", "resnet20", "--backends", "tinygrad", "--dtype", "bfloat16")
+    if result.exit_code == 0:
+        pytest.skip("this machine's clang compiles bfloat16")
+    assert result.exit_code == 1 and "ERROR" in result.output and "could not run" in result.output

@@ -51,7 +51,7 @@ def test_tinygrad_without_clang_says_how_to_fix(monkeypatch):
     if reason and "not installed" in reason:
         pytest.skip("tinygrad is not installed")
     assert "clang" in reason and "apt-get install clang" in reason
-    assert backends.unavailable_reason("tinygrad", device="CUDA") is None or "not installed" in reason
+    assert backends.unavailable_reason("tinygrad", device="CUDA") is None  # only the CPU device needs clang
 
 
 def test_unknown_backend_is_rejected():

@@ -21,11 +21,6 @@ def make(**changes):
     (dict(name=3), "name=3"),
     (dict(stages=()), "stages=() must be a non-empty"),
     (dict(stages=(3,)), "stages[0]=3 must be a StageSpec"),
-    (dict(stages=(StageSpec(0, 16),)), "stages[0].blocks=0 must be >= 1"),
-    (dict(stages=(StageSpec(1, -4),)), "stages[0].width=-4 must be >= 1"),
-    (dict(stages=(StageSpec(1, 16, 0),)), "stages[0].stride=0 must be >= 1"),
-    (dict(stages=(StageSpec(1, 16.5),)), "stages[0].width=16.5 must be an integer"),
-    (dict(stages=(StageSpec(True, 16),)), "stages[0].blocks=True must be an integer"),
     (dict(block="dense"), "block='dense' must be one of"),
     (dict(shortcut="D"), "shortcut='D' must be one of"),
     (dict(bottleneck_stride_at="5x5"), "bottleneck_stride_at='5x5' must be one of"),
@@ -45,6 +40,7 @@ def make(**changes):
     (dict(groups=3), "groups=3 must divide the bottleneck width 16"),
     (dict(block="basic", groups=5), "groups=5 must divide the block width 16"),
     (dict(residual=False, zero_init_last_bn=True), "zero_init_last_bn=True needs residual=True"),
+    (dict(block="preact_bottleneck", zero_init_last_bn=True), "does not apply to block='preact_bottleneck'"),
     (dict(block="basic", shortcut="A", stem=StemSpec(width=64)), "shortcut='A' cannot shrink channels"),
     (dict(stem="imagenet"), "stem='imagenet' must be a StemSpec"),
 ])
@@ -52,6 +48,26 @@ def test_every_validation_rule_names_field_value_and_rule(changes, message):
     with pytest.raises(SpecError) as caught:
         make(**changes)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 16), "stage.blocks=0 must be >= 1"),
+    ((1, -4), "stage.width=-4 must be >= 1"),
+    ((1, 16, 0), "stage.stride=0 must be >= 1"),
+    ((1, 16.5), "stage.width=16.5 must be an integer"),
+    ((True, 16), "stage.blocks=True must be an integer"),
+])
+def test_stage_validation_at_construction(args, message):
+    with pytest.raises(SpecError) as caught:
+        StageSpec(*args)
+    assert message in str(caught.value)
+
+
+def test_stage_errors_from_json_name_the_stage_index():
+    data = portres.get("resnet18").to_dict()
+    data["stages"][2]["stride"] = 0
+    with pytest.raises(SpecError, match=r"stages\[2\]: stage.stride=0 must be >= 1"):
+        ResNetSpec.from_dict(data)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -209,3 +209,26 @@ def test_npz_of_the_wrong_network_is_rejected_whole(tmp_path):
     save_weights(path, init_params(portres.get("resnet18")))
     with pytest.raises(WeightsError, match="do not fit resnet34"):
         portres.build("resnet34", "numpy", params=path)
+
+
+def test_a_single_array_saved_as_npz_is_rejected_with_the_file_name(tmp_path):
+    path = tmp_path / "one.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(WeightsError, match="holds a single array") as caught:
+        load_weights(path, portres.get("resnet20"))
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": ["3"], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [3], "data_offsets": [0.0, 12]},
+    {"dtype": 7, "shape": [3], "data_offsets": [0, 12]},
+    {"dtype": "F32", "shape": [-3], "data_offsets": [0, 12]},
+])
+def test_safetensors_headers_with_wrong_types_are_corrupt_not_crashes(tmp_path, entry):
+    header = json.dumps({"x": entry}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(WeightsError, match="not a valid safetensors file"):
+        read_weights_file(path)
