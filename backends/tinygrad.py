@@ -127,7 +127,7 @@ class Backend:
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
         kernel = weight.shape[2]
-        if stride > 1 and kernel == 1:
+        if stride > 1 and kernel == 1 and padding == 0:
             # subsample first (one cheap copy): the strided 1x1 read its input at 12 GFLOP/s
             x, stride = x[:, :, ::stride, ::stride].contiguous(), 1
         # Winograd F(4x4, 3x3) for stride-1 3x3 convs: ~4x fewer multiplies; on CPU ResNet-18
