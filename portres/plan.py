@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import ClassVar
 
 from .spec import ResNetSpec
@@ -237,6 +237,16 @@ class Plan:
             if op.name == name:
                 return op
         raise KeyError(name)
+
+    @cached_property
+    def block_outputs(self) -> frozenset[str]:
+        """Value names that end a residual block (the last op named ``layerI.J.*``)."""
+        last: dict[str, str] = {}
+        for op in self.ops:
+            parts = op.name.split(".")
+            if len(parts) > 2 and parts[0].startswith("layer"):
+                last[f"{parts[0]}.{parts[1]}"] = op.output
+        return frozenset(last.values())
 
     def last_uses(self) -> dict[str, int]:
         """For each value, the index of the last op that reads it (to free memory early)."""
@@ -476,8 +486,12 @@ def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()
 
     Values are dropped after their last reader, so peak memory stays that of one block.
     ``before_op(op, args)``, if given, runs before each op (and may update ``params``).
+    A backend with an ``end_block(value)`` method gets each block's output through it
+    (lazy frameworks cut their graph there).
     """
     wanted = set(keep) | {plan.output}
+    end_block = getattr(primitives, "end_block", None)
+    block_outputs = plan.block_outputs if end_block is not None else frozenset()
     last_use = plan.last_uses()
     values = {INPUT: x}
     kept = {}
@@ -486,6 +500,8 @@ def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()
         if before_op is not None:
             before_op(op, args)
         result = apply_op(primitives, op, args, params)
+        if op.output in block_outputs:
+            result = end_block(result)
         values[op.output] = result
         if op.output in wanted:
             kept[op.output] = result
