@@ -10,6 +10,7 @@ are recorded here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -39,6 +40,10 @@ def main() -> int:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--backends", default=None, help="default: every available backend except numpy")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--tinygrad-beam", type=int, default=0, metavar="N",
+                        help="also time tinygrad with BEAM=N at batch 16 on the --beam-networks (the first search "
+                             "takes ~50 min per network on 2 cores, then tinygrad's disk cache has it)")
+    parser.add_argument("--beam-networks", default="resnet50")
     parser.add_argument("--log", default=str(Path(__file__).with_name("perf_log.md")),
                         help="speed-work log appended to the report")
     args = parser.parse_args()
@@ -56,6 +61,13 @@ def main() -> int:
                     records.append(bench.run_in_subprocess(config))
                 except bench.BenchError as error:
                     failures.append(f"{network} batch {batch}: {error}")
+            if args.tinygrad_beam and batch > 1 and "tinygrad" in names and network in args.beam_networks.split(","):
+                config = dataclasses.replace(config, backend="tinygrad", beam=args.tinygrad_beam)
+                print(f"{network} batch {batch} tinygrad BEAM={args.tinygrad_beam} ...", file=sys.stderr, flush=True)
+                try:
+                    records.append(bench.run_in_subprocess(config))
+                except bench.BenchError as error:
+                    failures.append(f"{network} batch {batch} BEAM={args.tinygrad_beam}: {error}")
     Path(args.output).write_text(report(records, failures, Path(args.log)))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -91,16 +103,30 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
             torch = next((r["images_per_s"] for r in same if r["backend"] == "torch"), None)
             for r in same:
                 ratio = f"{r['images_per_s'] / torch:.2f}x" if torch else "-"
-                cells = [r["backend"], batch, f"{r['images_per_s']:.2f}", f"{r['latency_median_s'] * 1e3:.1f}",
+                name = r["backend"] + (f" (BEAM={r['beam']})" if r.get("beam") else "")
+                cells = [name, batch, f"{r['images_per_s']:.2f}", f"{r['latency_median_s'] * 1e3:.1f}",
                          f"{r['latency_p90_s'] * 1e3:.1f}", f"{r['first_call_s']:.2f}", f"{r['gflop_per_s']:.1f}",
                          f"{r['peak_rss_bytes'] / 2**20:,.0f}", ratio]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines.append("")
+    lines += ["## GPUs", "", *gpu_note(), ""]
     if failures:
         lines += ["## Cells that did not run", ""] + [f"- {f}" for f in failures] + [""]
     if log.is_file():
         lines += [log.read_text().replace("# Speed work log", "## Speed work log", 1)]
     return "\n".join(lines) + "\n"
+
+
+def gpu_note() -> list[str]:
+    """Which accelerators the backends see here; GPU rows come from runs on a machine that has one."""
+    seen = {name: backends.load(name).info()["devices"] for name in backends.available() if name != "numpy"}
+    lines = [f"- {name} devices here: {', '.join(devices)}" for name, devices in seen.items()]
+    if not any(d.split(":")[0].upper() in ("GPU", "CUDA", "METAL", "CL", "NV", "AMD") for ds in seen.values()
+               for d in ds):
+        lines.append("- no GPU on this machine, so no GPU rows. On one, run `portres bench --depth 50 --batch 64` "
+                     "with `--backend tinygrad --device CUDA` (or METAL), `--backend mlx --device gpu` and "
+                     "`--backend torch --device cuda`, each also with `--dtype float16`, and add them here.")
+    return lines
 
 
 if __name__ == "__main__":
