@@ -243,6 +243,9 @@ class Backend:
         scale = weight * mx.rsqrt(var + eps)
         return x * scale + (bias - mean * scale)
 
+    def channel_affine(self, x, scale, shift):
+        return x * scale + shift
+
     def relu(self, x):
         return mx.maximum(x, 0)
 

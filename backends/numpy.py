@@ -91,6 +91,9 @@ class Backend:
         per_channel = lambda v: v[:, None, None]  # noqa: E731
         return (x - per_channel(mean)) / np.sqrt(per_channel(var) + eps) * per_channel(weight) + per_channel(bias)
 
+    def channel_affine(self, x, scale, shift):
+        return x * scale[:, None, None] + shift[:, None, None]
+
     def relu(self, x):
         return np.maximum(x, 0)
 

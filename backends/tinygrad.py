@@ -144,6 +144,9 @@ class Backend:
         scale = weight * (var + eps).rsqrt()
         return x * scale.reshape(1, -1, 1, 1) + (bias - mean * scale).reshape(1, -1, 1, 1)
 
+    def channel_affine(self, x, scale, shift):
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
     def relu(self, x):
         # realise activations: otherwise the next conv recomputes (BN-)ReLU inside its reduce loop
         return x.relu().contiguous()

@@ -1,5 +1,6 @@
 """Parameter/MAC counts against torchvision's published numbers, shapes, plan structure."""
 
+import numpy as np
 import pytest
 
 import portres
@@ -89,8 +90,16 @@ def test_bn_folding_removes_every_conv_bn_pair_but_keeps_value_names():
     assert set(params) == set(folded.param_shapes())
 
 
-def test_bn_folding_leaves_preactivation_norms_it_cannot_fold():
+def test_bn_folding_turns_preactivation_norms_into_channel_affines():
     plan = portres.make_plan(portres.get("resnetv2_50"))
-    folded, _ = fold_batch_norm(plan, portres.init_params(plan))
-    left = [op.name for op in folded.ops if op.kind == "batch_norm"]
-    assert "layer1.0.bn1" in left and "final_bn" in left and "layer1.0.bn2" not in left
+    params = portres.init_params(plan, randomize_batch_norm=True)
+    folded, folded_params = fold_batch_norm(plan, params)
+    assert not any(op.kind == "batch_norm" for op in folded.ops)
+    affine = [op.name for op in folded.ops if op.kind == "channel_affine"]
+    assert "layer1.0.bn1" in affine and "final_bn" in affine and "layer1.0.bn2" not in affine
+    assert set(folded_params) == set(folded.param_shapes())
+    bn = {s: params[f"final_bn.{s}"].astype(np.float64) for s in ("weight", "bias", "running_mean", "running_var")}
+    x = np.random.default_rng(0).standard_normal(bn["weight"].shape)
+    expected = (x - bn["running_mean"]) / np.sqrt(bn["running_var"] + 1e-5) * bn["weight"] + bn["bias"]
+    got = x * folded_params["final_bn.scale"] + folded_params["final_bn.shift"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

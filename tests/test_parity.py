@@ -80,9 +80,10 @@ def test_low_precision_parity(name, backend, dtype):
 def test_bn_folding_rewrite_preserves_the_function(name):
     spec, images, params, reference = CASES.get(name)
     folded = portres.build(spec, "numpy", params, fold_batch_norm_into_conv=True)
-    norms = lambda plan: sum(op.kind == "batch_norm" for op in plan.ops)  # noqa: E731
-    assert norms(folded.plan) < norms(portres.make_plan(spec))
-    assert (norms(folded.plan) > 0) == spec.is_preactivation  # v2 keeps the BNs that precede ReLUs
+    count = lambda plan, kind: sum(op.kind == kind for op in plan.ops)  # noqa: E731
+    assert count(folded.plan, "batch_norm") == 0 < count(portres.make_plan(spec), "batch_norm")
+    # v2's BNs that precede ReLUs follow no conv: they become per-channel affines
+    assert (count(folded.plan, "channel_affine") > 0) == spec.is_preactivation
     assert parity.relative_error(folded(images), reference.logits) < 1e-6
 
 
@@ -110,6 +111,8 @@ BREAKAGES = {
                                     "layer2.0.shortcut.pad (pad_channels)"),
     "avg pool off by 1%": ("avg_pool", "resnet50d", lambda self, f, x, k, s: f(self, x, k, s) * 1.01,
                            "layer2.0.downsample.0 (avg_pool)"),
+    "BN scale off by 1%": ("channel_affine", "resnetv2_18", lambda self, f, x, s, b: f(self, x, s * 1.01, b),
+                           "layer1.0.bn1 (channel_affine)"),
 }
 
 
