@@ -194,6 +194,8 @@ class Backend:
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
         kernel = weight.shape[1]
+        if self.device == "cpu" and groups > 1:
+            return self._grouped_conv(x, weight, bias, stride, padding, groups)
         if self.device == "cpu" and groups == 1:  # CPU paths, measured on CPU; the GPU conv is its own
             if kernel == 1 and padding == 0:
                 return self._pointwise_conv(x, weight, bias, stride)
@@ -237,6 +239,39 @@ class Backend:
                 tap = taps[i, j]
                 acc = rows[shift:shift + m] @ tap if acc is None else mx.addmm(acc, rows[shift:shift + m], tap)
         y = acc.reshape(n, hp, wp, out_channels)[:, :h, :w, :]
+        return y if bias is None else y + bias
+
+    def _grouped_conv(self, x, weight, bias, stride, padding, groups):
+        # MLX's CPU grouped conv runs at ~1 GFLOP/s (ResNeXt-50: 80% of its time). Here each
+        # group is a GEMM in channel-major layout (G, Cg, pixels), whose slices copy and
+        # multiply in long contiguous runs: stride 1 as the shifted GEMMs of
+        # _shifted_gemm_conv batched over groups, larger strides as im2col + one batched GEMM.
+        # (ResNeXt-50 layer1 3x3 at batch 8: MLX 228 ms; NHWC im2col 170 ms; this 60 ms.)
+        n, h, w, c = x.shape
+        out_channels, kernel = weight.shape[0], weight.shape[1]
+        per_group_in, per_group_out = c // groups, out_channels // groups
+        x = x.reshape(n, h, w, groups, per_group_in).transpose(3, 4, 0, 1, 2)  # (G, Cg, N, H, W)
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (padding, padding), (padding, padding)])
+        hp, wp = h + 2 * padding, w + 2 * padding
+        out_h, out_w = (hp - kernel) // stride + 1, (wp - kernel) // stride + 1
+        # OHWI (G*Og, K, K, Cg) -> (G, Og, K*K*Cg): (tap, channel) order, as the patches below
+        kernels = weight.reshape(groups, per_group_out, kernel * kernel * per_group_in)
+        if stride == 1:
+            m = n * hp * wp
+            rows = mx.pad(x.reshape(groups, per_group_in, m), [(0, 0), (0, 0), (0, (kernel - 1) * (wp + 1))])
+            acc = None
+            for tap in range(kernel * kernel):
+                shift = (tap // kernel) * wp + tap % kernel
+                part = kernels[:, :, tap * per_group_in:(tap + 1) * per_group_in]
+                view = rows[:, :, shift:shift + m]
+                acc = part @ view if acc is None else mx.addmm(acc, part, view)
+            y = acc.reshape(groups, per_group_out, n, hp, wp)[:, :, :, :out_h, :out_w]
+        else:
+            taps = [x[:, :, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+                    for i in range(kernel) for j in range(kernel)]
+            patches = mx.concatenate(taps, axis=1).reshape(groups, kernel * kernel * per_group_in, -1)
+            y = (kernels @ patches).reshape(groups, per_group_out, n, out_h, out_w)
+        y = y.transpose(2, 3, 4, 0, 1).reshape(n, out_h, out_w, out_channels)
         return y if bias is None else y + bias
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
