@@ -110,6 +110,19 @@ def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.n
     return np.outer(per_axis(height), per_axis(width))[None, :, :, None]
 
 
+def _tap_shifts(kernel: int, padded_width: int) -> list[int]:
+    """Row offset of each tap (i, j), in (i, j) order, for the shifted-GEMM convs."""
+    return [i * padded_width + j for i in range(kernel) for j in range(kernel)]
+
+
+def _sum_of_products(pairs):
+    """sum(a @ b for a, b in pairs), accumulated in place by addmm (no temporaries per term)."""
+    acc = None
+    for a, b in pairs:
+        acc = a @ b if acc is None else mx.addmm(acc, a, b)
+    return acc
+
+
 class Backend:
     name = NAME
 
@@ -230,14 +243,9 @@ class Backend:
         hp, wp = h + 2 * padding, w + 2 * padding
         rows = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)]).reshape(n * hp * wp, c)
         rows = mx.pad(rows, [(0, (kernel - 1) * (wp + 1)), (0, 0)])  # shifts past the end read zeros
-        taps = weight.transpose(1, 2, 3, 0)  # (K, K, C, O)
+        taps = weight.transpose(1, 2, 3, 0).reshape(kernel * kernel, c, out_channels)  # (K*K, C, O)
         m = n * hp * wp
-        acc = None
-        for i in range(kernel):
-            for j in range(kernel):
-                shift = i * wp + j
-                tap = taps[i, j]
-                acc = rows[shift:shift + m] @ tap if acc is None else mx.addmm(acc, rows[shift:shift + m], tap)
+        acc = _sum_of_products((rows[shift:shift + m], taps[tap]) for tap, shift in enumerate(_tap_shifts(kernel, wp)))
         y = acc.reshape(n, hp, wp, out_channels)[:, :h, :w, :]
         return y if bias is None else y + bias
 
@@ -259,12 +267,8 @@ class Backend:
         if stride == 1:
             m = n * hp * wp
             rows = mx.pad(x.reshape(groups, per_group_in, m), [(0, 0), (0, 0), (0, (kernel - 1) * (wp + 1))])
-            acc = None
-            for tap in range(kernel * kernel):
-                shift = (tap // kernel) * wp + tap % kernel
-                part = kernels[:, :, tap * per_group_in:(tap + 1) * per_group_in]
-                view = rows[:, :, shift:shift + m]
-                acc = part @ view if acc is None else mx.addmm(acc, part, view)
+            acc = _sum_of_products((kernels[:, :, tap * per_group_in:(tap + 1) * per_group_in],
+                                    rows[:, :, shift:shift + m]) for tap, shift in enumerate(_tap_shifts(kernel, wp)))
             y = acc.reshape(groups, per_group_out, n, hp, wp)[:, :, :, :out_h, :out_w]
         else:
             taps = [x[:, :, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]

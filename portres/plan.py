@@ -449,11 +449,10 @@ def fold_batch_norm(plan: Plan, params: dict) -> tuple[Plan, dict]:
     def scale_and_shift(bn: Op) -> tuple[np.ndarray, np.ndarray]:
         stat = lambda suffix: params[f"{bn.name}.{suffix}"].astype(np.float64)  # noqa: E731
         scale = stat("weight") / np.sqrt(stat("running_var") + bn.layer.eps)
-        for suffix in ("weight", "bias", "running_mean", "running_var"):
-            del new_params[f"{bn.name}.{suffix}"]
         return scale, stat("bias") - stat("running_mean") * scale
 
-    ops, new_params = [], dict(params)
+    norms = {op.name for op in plan.ops if op.kind == "batch_norm"}  # every one is folded away below
+    ops, new_params = [], {key: value for key, value in params.items() if key.rsplit(".", 1)[0] not in norms}
     for op in plan.ops:
         if op.name in folded_into:
             continue
