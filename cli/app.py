@@ -1,0 +1,120 @@
+"""The ``portres`` click group, its error contract and helpers shared by the verb modules.
+
+User errors (unknown preset, invalid spec file, bad argument, missing framework) print one
+``portres: error: ...`` line on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from portres import zoo
+from portres.spec import ResNetSpec, SpecError
+from portres.weights import WeightsError
+
+USER_ERRORS = (SpecError, WeightsError, ValueError, KeyError, OSError, RuntimeError, MemoryError)
+
+
+def fail(message: str) -> None:
+    """The one line every user error prints; the exit status is 2."""
+    click.echo(f"portres: error: {message}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:  # click would print the usage block; one line is enough
+            where = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+            fail(f"{error.format_message()}{where}")
+        except click.ClickException as error:
+            fail(error.format_message())
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MemoryError:
+            fail("out of memory: lower --batch or --input-size, or use a smaller network")
+        except USER_ERRORS as error:
+            fail(str(error))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="portres")
+def main():
+    """One ResNet description, lowered to tinygrad, MLX (and torch), checked against float64 NumPy."""
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
+    """A plain-text table; columns in ``right`` are right-aligned (numbers)."""
+    right = right or set()
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]])
+
+
+def load_spec(name: str | None, spec_file: str | None, depth: int | None = None) -> ResNetSpec:
+    """The spec from exactly one of NAME, --spec FILE or --depth N."""
+    given = [x for x in (name, spec_file, depth) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of NAME, --spec FILE.json or --depth N")
+    if spec_file is not None:
+        path = Path(spec_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file {spec_file} does not exist")
+        try:
+            return ResNetSpec.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"spec file {spec_file} cannot be read: {error}") from None
+        except SpecError as error:
+            raise SpecError(f"{spec_file}: {error}") from None
+    if depth is not None:
+        if f"resnet{depth}" not in zoo.names():
+            raise ValueError(f"unknown depth {depth}: ImageNet ResNets have depth "
+                             f"{'/'.join(map(str, zoo.IMAGENET_DEPTHS))}, CIFAR ResNets "
+                             f"{'/'.join(map(str, zoo.CIFAR_DEPTHS))}; other presets by name: --arch NAME")
+        return zoo.get(f"resnet{depth}")
+    return zoo.get(name)
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def giga(n: float) -> str:
+    return f"{n / 1e9:,.3f}G"
+
+
+def backend_list(value: str | None, include_numpy: bool) -> list[str]:
+    from portres import backends as registry
+
+    if value in (None, "all"):
+        names = [n for n in registry.available() if include_numpy or n != "numpy"]
+        if not names:
+            raise ValueError("no backend is available here: pip install 'portres[all]'")
+        return names
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n not in registry.NAMES:
+            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(registry.NAMES)} or 'all'")
+    return names
+
+
+def fmt_error(x: float) -> str:
+    return "inf/NaN" if not math.isfinite(x) else f"{x:.2e}"

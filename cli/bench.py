@@ -1,0 +1,117 @@
+"""``portres bench``: steady-state speed, one child process per backend."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .app import backend_list, load_spec, main, table
+
+
+@main.command()
+@click.option("--backend", "backend_names", default="mlx", show_default=True,
+              help="tinygrad, mlx, numpy, torch, 'all', or a comma-separated list.")
+@click.option("--depth", type=int, help="ResNet depth: 18/34/50/101/152 (CIFAR: 20/32/44/56/110/1202).")
+@click.option("--arch", "name", help="A preset name instead of --depth (see `portres list`).")
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --depth.")
+@click.option("--device", help="Backend device (tinygrad: CPU, CUDA, METAL, CL; mlx: cpu, gpu; torch: cpu, cuda).")
+@click.option("--batch", type=click.IntRange(min=1), help="Images per pass (default: 16 on CPU, 64 on GPU).")
+@click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+              help="Compute dtype (default: float32; the numpy reference: float64).")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed passes.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed passes.")
+@click.option("--beam", type=click.IntRange(min=0), default=0, show_default=True,
+              help="tinygrad BEAM search width (kernels cached on disk; 0: off).")
+@click.option("--profile", is_flag=True, help="Also time each op kind, op by op.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per backend on stdout.")
+def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtype, warmup, iters, beam, profile,
+          seed, as_json):
+    """Time steady-state forward passes: images/s, latency, first call, GFLOP/s, memory.
+
+    Each backend runs in its own process with seeded weights and the input kept on the
+    device; passes are synchronised (tinygrad: device synchronize; MLX: eval).
+    """
+    from portres import backends as registry
+    from portres import bench as runner
+    from portres.analysis import check_input_size
+    from portres.plan import make_plan
+
+    if depth is None and name is None and spec_file is None:
+        depth = 50
+    spec = load_spec(name, spec_file, depth)
+    check_input_size(make_plan(spec), input_size)
+    explicit = backend_names != "all"
+    reasons = {n: registry.unavailable_reason(n, device) for n in backend_list(backend_names, include_numpy=True)}
+    if explicit and any(reasons.values()):
+        backend, reason = next((n, r) for n, r in reasons.items() if r)
+        raise ValueError(f"backend {backend!r} cannot run: {reason}")
+    peak = None
+    records, failures = [], []
+    for backend in (n for n, reason in reasons.items() if reason is None):
+        config = runner.BenchConfig(backend, spec.to_dict(), device=device, batch=batch, input_size=input_size,
+                                    dtype=dtype, warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile)
+        try:
+            record = runner.run_in_subprocess(config)
+        except runner.BenchError as error:
+            if explicit:
+                raise ValueError(str(error)) from None
+            failures.append(str(error))
+            continue
+        if record["device"].lower().startswith("cpu"):  # the peak we can measure is the CPU's
+            peak = peak or runner.measure_sgemm_peak()
+            record["sgemm_peak_gflop_per_s"] = peak
+            record["fraction_of_sgemm_peak"] = record["gflop_per_s"] / peak
+        records.append(record)
+    torch_rate = next((r["images_per_s"] for r in records if r["backend"] == "torch"), None)
+    for r in records:
+        r["ratio_vs_torch"] = r["images_per_s"] / torch_rate if torch_rate else None
+        r["cpu"], r["cpu_flags"] = runner.cpu_model(), runner.cpu_flags()
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r))
+        for failure in failures:
+            click.echo(f"portres: skipped {failure}", err=True)
+    else:
+        _print_bench(spec, records, failures, peak)
+    if not records:
+        raise ValueError("no backend could be benchmarked: " + ("; ".join(failures) or
+                                                             "none is available here (see `portres backends`)"))
+
+
+def _print_bench(spec, records, failures, peak):
+    mb = lambda n: f"{n / 2**20:,.0f}" if n else "-"  # noqa: E731
+    rows = []
+    for r in records:
+        rows.append([r["backend"], r["device"], r["dtype"], r["batch"], f"{r['images_per_s']:.2f}",
+                     f"{r['latency_median_s'] * 1e3:.1f}", f"{r['latency_p90_s'] * 1e3:.1f}",
+                     f"{r['latency_min_s'] * 1e3:.1f}", f"{r['first_call_s']:.2f}", f"{r['gflop_per_s']:.1f}",
+                     f"{100 * r['fraction_of_sgemm_peak']:.0f}%" if r.get("fraction_of_sgemm_peak") else "-",
+                     mb(r["peak_rss_bytes"]),
+                     f"{r['ratio_vs_torch']:.2f}x" if r.get("ratio_vs_torch") else "-"])
+    first = records[0] if records else None
+    if first:
+        size = first["input_size"]
+        click.echo(f"{spec.name}, {size}x{size}, {first['gmacs_per_image']:.3f} GMACs/image, "
+                   f"{first['iters']} timed passes after {first['warmup']} warm-up\n")
+    click.echo(table(["backend", "device", "dtype", "batch", "img/s", "median ms", "p90 ms", "min ms", "first call s",
+                      "GFLOP/s", "of peak", "peak RSS MB", "vs torch"], rows, right=set(range(3, 13))))
+    click.echo("")
+    for r in records:
+        blas = f"; BLAS: {r['blas']}" if r.get("blas") else ""
+        click.echo(f"{r['backend']}: {r['framework']}{blas}; threads {r['threads']}")
+    if first:
+        peak_text = f"; sgemm peak (NumPy, measured) {peak:.0f} GFLOP/s" if peak else ""
+        click.echo(f"machine: {first['cpu']} ({first['cpu_flags']}), {first['cpu_count']} CPUs, "
+                   f"Python {first['python']}{peak_text}")
+    for r in records:
+        if r.get("profile"):
+            click.echo(f"\n{r['backend']} per-op profile (each op timed alone, synchronised):")
+            click.echo(table(["op", "seconds", "share", "GFLOP/s"],
+                             [[p["op"], f"{p['seconds']:.4f}", f"{100 * p['share']:.1f}%",
+                               f"{p['gflop_per_s']:.1f}" if p["gflop_per_s"] else "-"] for p in r["profile"]],
+                             right={1, 2, 3}))
+    for failure in failures:
+        click.echo(f"skipped {failure}")

@@ -1,0 +1,56 @@
+"""``portres parity``: one input through the float64 reference and each backend."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .app import backend_list, fmt_error, load_spec, main, table
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--depth", type=int, help="ResNet depth (18/34/50/101/152; CIFAR 20/32/44/56/110/1202).")
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of a preset NAME.")
+@click.option("--backends", "backend_names", help="Comma-separated backends (default: every available one).")
+@click.option("--input-size", type=click.IntRange(min=1), help="Square input side (default 64; CIFAR 32).")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", help="Device for every backend (e.g. CPU, CUDA for tinygrad; cpu, gpu for mlx).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per backend.")
+def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, device, seed, as_json):
+    """Run one input through the float64 reference and each backend; compare.
+
+    Exit status 1 if any backend is off by more than the tolerance (1e-4 relative L2 in
+    float32, 2e-2 in float16/bfloat16); the report then names the first op that diverges.
+    """
+    from portres import parity as checker
+
+    spec = load_spec(name, spec_file, depth)
+    size = input_size or checker.default_input_size(spec)
+    results = checker.check(spec, backend_list(backend_names, include_numpy=False), input_size=size,
+                            batch=batch, dtype=dtype, seed=seed, device=device)
+    if as_json:
+        for r in results:
+            click.echo(json.dumps({"network": spec.name, "input_size": size, "batch": batch, **r.to_dict()}))
+    else:
+        click.echo(f"{spec.name}: batch {batch} at {size}x{size}, seed {seed}, vs float64 NumPy reference\n")
+        rows = []
+        for r in results:
+            if r.error:
+                rows.append([r.backend, r.device, r.dtype, "-", "-", "-", f"{r.tolerance:.0e}", "ERROR"])
+                continue
+            stage, worst = r.worst_stage
+            rows.append([r.backend, r.device, r.dtype, fmt_error(r.logits_error), f"{stage} {fmt_error(worst)}",
+                         fmt_error(r.max_abs_error), f"{r.tolerance:.0e}", "pass" if r.passed else "FAIL"])
+        click.echo(table(["backend", "device", "dtype", "logits rel.err", "worst stage", "max abs", "tol", "result"],
+                         rows, right={3, 5}))
+        for r in results:
+            if r.error:
+                click.echo(f"\n{r.backend}: could not run: {r.error}")
+            elif not r.passed:
+                click.echo(f"\n{r.backend}: diverges first at {r.divergence or 'no single op (accumulated error)'}")
+    sys.exit(0 if all(r.passed for r in results) else 1)
