@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.metadata
 import os
@@ -148,11 +149,26 @@ class Backend:
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
     def relu(self, x):
-        # realise activations: otherwise the next conv recomputes (BN-)ReLU inside its reduce loop
-        return x.relu().contiguous()
+        # Tensor.relu is (x > 0).where(x, 0), which maps NaN to 0: a NaN input would give finite logits.
+        # NaN stays NaN here, and the gradient at 0 stays 0 (PyTorch's convention).
+        # Realised: otherwise the next conv recomputes (BN-)ReLU inside its reduce loop.
+        return (x > 0).where(x, (x != x).where(x, 0)).contiguous()
 
     def max_pool(self, x, kernel_size, stride, padding):
-        return x.max_pool2d((kernel_size, kernel_size), stride=stride, padding=padding)
+        window = ((kernel_size, kernel_size), stride)
+        pooled = x.max_pool2d(*window, padding=padding)
+        # tinygrad's max reduce skips NaN; the reference (and torch) return NaN for a window holding one
+        holds_nan = (x != x).cast(x.dtype).max_pool2d(*window, padding=padding) > 0
+        return holds_nan.where(float("nan"), pooled)
+
+    def for_nonfinite_input(self) -> Backend:
+        """This backend without Winograd: its 6x6 input tiles spread one NaN/inf over a 4x4 output tile,
+        so the reference's NaN/inf pattern is only matched by direct convs (``Model`` switches per call)."""
+        if not self.winograd:
+            return self
+        exact = copy.copy(self)
+        exact.winograd = False
+        return exact
 
     def avg_pool(self, x, kernel_size, stride):
         return x.avg_pool2d((kernel_size, kernel_size), stride=stride, ceil_mode=True, count_include_pad=False)

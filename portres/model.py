@@ -27,13 +27,24 @@ class Model:
         self.backend = backend  # the backend's Backend object (device, dtype, primitives)
         self.plan = plan  # the plan it executes (BN may be folded into convs)
         self.params = backend.load_params(plan, params)  # backend arrays, keyed by parameter name
-        self._forward = backend.compile(self._logits)
+        self._forward = backend.compile(self._logits_on(backend))
+        # where a backend's fast path spreads NaN/inf differently from the reference (tinygrad's Winograd
+        # tiles), it offers an exact variant; inputs holding NaN/inf run there, so they propagate as in
+        # the reference (a finite input never pays for this)
+        exact = getattr(backend, "for_nonfinite_input", lambda: backend)()
+        self._exact = (exact, exact.compile(self._logits_on(exact))) if exact is not backend else None
 
     def __repr__(self) -> str:
         return f"<portres.Model {self.spec.name} on {self.backend.name}:{self.backend.device} {self.backend.dtype}>"
 
-    def _logits(self, params, x):
-        return run_plan(self.plan, self.backend, params, x)[self.plan.output]
+    def _logits_on(self, backend):
+        return lambda params, x: run_plan(self.plan, backend, params, x)[self.plan.output]
+
+    def _lowering_for(self, x: np.ndarray) -> tuple:
+        """(backend, compiled forward) for the NumPy input ``x``: the exact variant if it holds NaN/inf."""
+        if self._exact is not None and not np.isfinite(x).all():
+            return self._exact
+        return self.backend, self._forward
 
     def check_input(self, x) -> np.ndarray:
         """``x`` as an array after checking rank, channels, size and dtype (``ValueError`` if wrong)."""
@@ -53,12 +64,14 @@ class Model:
 
     def __call__(self, x) -> np.ndarray:
         """Logits ``(N, num_classes)`` for the NCHW batch ``x``."""
-        x = self.backend.from_numpy(self.check_input(x))
-        return self.backend.to_numpy(self._forward(self.params, x))
+        x = self.check_input(x)
+        backend, forward = self._lowering_for(x)
+        return backend.to_numpy(forward(self.params, backend.from_numpy(x)))
 
     def forward(self, x_on_device):
         """Logits as a backend array, for an input already converted with
-        ``model.backend.from_numpy``: no checks, no copies (what benchmarks time)."""
+        ``model.backend.from_numpy``: no checks, no copies (what benchmarks time). Assumes a finite
+        input; ``model(x)`` handles NaN/inf exactly."""
         return self._forward(self.params, x_on_device)
 
     def features(self, x) -> dict[str, np.ndarray]:
@@ -67,11 +80,12 @@ class Model:
 
     def values(self, x, keep, names: dict | None = None) -> dict[str, np.ndarray]:
         """Intermediate values by plan value name (``names`` maps new keys to value names)."""
-        x = self.backend.from_numpy(self.check_input(x))
-        kept = run_plan(self.plan, self.backend, self.params, x, keep=tuple(keep))
+        x = self.check_input(x)
+        backend, _ = self._lowering_for(x)
+        kept = run_plan(self.plan, backend, self.params, backend.from_numpy(x), keep=tuple(keep))
         if names is None:
-            return {name: self.backend.to_numpy(kept[name]) for name in keep}
-        return {key: self.backend.to_numpy(kept[value]) for key, value in names.items()}
+            return {name: backend.to_numpy(kept[name]) for name in keep}
+        return {key: backend.to_numpy(kept[value]) for key, value in names.items()}
 
     def run_op(self, op: Op, inputs: list[np.ndarray]) -> np.ndarray:
         """Run a single op of the plan on given NCHW inputs (for locating divergences)."""

@@ -21,9 +21,22 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-
 
 
 def relative_error(out, ref) -> float:
-    """``‖out − ref‖ / ‖ref‖`` in float64; ``inf`` when ``out`` holds NaN/inf or shapes differ."""
+    """``‖out − ref‖ / ‖ref‖`` in float64 over the entries where ``ref`` is finite.
+
+    Non-finite values must match exactly: ``inf`` is returned when ``out`` has NaN, +inf or
+    -inf anywhere ``ref`` has not (or the other way round), or when the shapes differ. So NaN
+    never passes, except where the reference itself is NaN at the same place.
+    """
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if out.shape != ref.shape or not np.all(np.isfinite(out)):
+    if out.shape != ref.shape:
+        return math.inf
+    finite = np.isfinite(ref)
+    if not finite.all():
+        same_nan = np.array_equal(np.isnan(out), np.isnan(ref))
+        if not (same_nan and np.array_equal(out[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)])):
+            return math.inf
+        out, ref = out[finite], ref[finite]
+    if not np.all(np.isfinite(out)):
         return math.inf
     scale = np.linalg.norm(ref)
     return float(np.linalg.norm(out - ref) / (scale if scale > 0 else 1.0))
@@ -128,8 +141,10 @@ def compare(model, images: np.ndarray, reference: Reference) -> ParityResult:
     result = ParityResult(lowering.name, lowering.device, lowering.dtype, TOLERANCE[lowering.dtype])
     logits = model(images)
     result.logits_error = relative_error(logits, reference.logits)
-    result.max_abs_error = float(np.max(np.abs(logits - reference.logits))) if logits.shape == \
-        reference.logits.shape else math.inf
+    both_finite = np.isfinite(logits) & np.isfinite(reference.logits) if logits.shape == \
+        reference.logits.shape else None
+    result.max_abs_error = float(np.max(np.abs(logits - reference.logits)[both_finite], initial=0.0)) \
+        if both_finite is not None else math.inf
     features = model.features(images)
     result.stage_errors = {name: relative_error(features[name], reference.features[name]) for name, _ in plan.features}
     return result

@@ -91,8 +91,39 @@ def test_nan_never_passes():
     ref = np.ones((2, 3))
     assert parity.relative_error(np.full((2, 3), np.nan), ref) == float("inf")
     assert parity.relative_error(np.full((2, 3), np.inf), ref) == float("inf")
+    ref = np.array([1.0, np.nan, np.inf, -np.inf])
+    assert parity.relative_error(ref.copy(), ref) == 0.0  # non-finite values in the same places
+    for wrong in ([1.0, 0.0, np.inf, -np.inf], [1.0, np.nan, np.nan, -np.inf], [1.0, np.nan, -np.inf, -np.inf],
+                  [np.nan, np.nan, np.inf, -np.inf], [1.0, np.nan, np.inf, np.inf]):
+        assert parity.relative_error(np.array(wrong), ref) == float("inf"), wrong
     result = parity.ParityResult("x", "cpu", "float32", 1e-4, logits_error=float("nan"), stage_errors={"stem": 0.0})
     assert not result.passed
+
+
+NONFINITE_NETWORKS = ["resnet20", "resnet18", "resnetv2_18", "resnet50d", "resnext50_32x4d"]
+
+
+def nonfinite_images(images: np.ndarray) -> np.ndarray:
+    """One NaN pixel in image 0, one +inf in image 1, one -inf in image 2; image 3 stays finite."""
+    images = images.copy()
+    images[0, 0, 5, 7] = np.nan
+    images[1, -1, 0, 0] = np.inf
+    images[2, 0, -1, 3] = -np.inf
+    return images
+
+
+@pytest.mark.parametrize("name, backend", [(n, b) for n in NONFINITE_NETWORKS for b in FRAMEWORKS])
+def test_nan_and_inf_propagate_exactly_as_in_the_reference(name, backend):
+    spec = portres.get(name)
+    images, params = parity.parity_case(spec, parity.default_input_size(spec), batch=4, seed=1)
+    images = nonfinite_images(images)
+    reference = parity.Reference(spec, images, params)
+    assert np.isnan(reference.logits[0]).all() and np.isfinite(reference.logits[3]).all()
+    model = portres.build(spec, backend, params)
+    result = parity.compare(model, images, reference)  # NaN/inf must sit exactly where the reference's do
+    assert result.passed, result.to_dict()
+    all_nan = np.full_like(images[:1], np.nan)
+    assert np.isnan(model(all_nan)).all()  # tinygrad's relu once turned this into finite logits
 
 
 # -- a deliberately broken primitive must fail the suite and be pointed at -----------------
