@@ -23,6 +23,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import threading
 
 import numpy as np
 
@@ -147,9 +148,19 @@ class Backend:
             cpu_streams = _cpu_cores() if self.device == "cpu" else 1
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
-        self._streams = [mx.new_stream(self._device) for _ in range(cpu_streams)]
+        self.cpu_streams = cpu_streams  # streams the batch is split across
+        self._per_thread = threading.local()  # MLX binds a stream to the thread that made it
         self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
                         "(all cores for one stream at batch 1)") if self.device == "cpu" else "device"
+
+    def _streams(self) -> list:
+        """This thread's CPU streams. MLX raises "There is no Stream(cpu, 1) in current thread" for a
+        stream made in another thread, so each thread that runs the model gets its own: a model built
+        in one thread can be called from any other, concurrently too (the compiled traces are shared)."""
+        streams = getattr(self._per_thread, "streams", None)
+        if streams is None:
+            streams = self._per_thread.streams = [mx.new_stream(self._device) for _ in range(self.cpu_streams)]
+        return streams
 
     # -- arrays and parameters --
 
@@ -174,17 +185,18 @@ class Backend:
         return loaded
 
     def compile(self, forward):
-        compiled = [mx.compile(forward) for _ in self._streams]  # traced separately per stream
+        compiled = [mx.compile(forward) for _ in range(self.cpu_streams)]  # traced separately per stream
         cores = _cpu_cores()
 
         def run(params, x):
-            parts = min(len(self._streams), x.shape[0])
+            streams = self._streams()
+            parts = min(len(streams), x.shape[0])
             bounds = [x.shape[0] * i // parts for i in range(1, parts)]
             chunks = mx.split(x, bounds, axis=0) if parts > 1 else [x]
             if self.device == "cpu":
                 _set_blas_threads(cores // parts)  # batch 1: every core for the one GEMM stream
             outs = []
-            for stream, function, chunk in zip(self._streams, compiled, chunks):
+            for stream, function, chunk in zip(streams, compiled, chunks):
                 with mx.stream(stream):
                     outs.append(function(params, chunk))
             out = mx.concatenate(outs, axis=0) if parts > 1 else outs[0]

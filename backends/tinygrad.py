@@ -7,6 +7,7 @@ import copy
 import functools
 import importlib.metadata
 import os
+import threading
 
 import numpy as np
 
@@ -70,8 +71,15 @@ def _dtype_problem(device: str, dtype: str) -> str | None:
     return None
 
 
+# tinygrad's settings (Context(WINO=...), the JIT's ALLOW_DEVICE_USAGE) are process-wide globals, so two
+# threads running tinygrad at once see each other's ("usage of device CPU disallowed"): Model serialises
+# calls through this lock, which makes a model usable from any thread.
+LOCK = threading.RLock()
+
+
 class Backend:
     name = NAME
+    lock = LOCK
 
     def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool = True):
         self.device = _open_device(device)

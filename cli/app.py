@@ -6,7 +6,9 @@ User errors (unknown preset, invalid spec file, bad argument, missing framework)
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +27,23 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _quiet_broken_pipe() -> None:
+    """`portres list | head`: the reader left, which is not an error. Point stdout at /dev/null so
+    the interpreter's final flush cannot complain either, and exit 0."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
 class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except click.exceptions.NoArgsIsHelpError as error:  # bare `portres`: the help, not an error
+            click.echo(error.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as error:  # click would print the usage block; one line is enough
             where = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
             fail(f"{error.format_message()}{where}")
@@ -44,6 +59,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # before click's own handler, which exits 1 ("a backend disagrees" here)
+            _quiet_broken_pipe()
         except MemoryError:
             fail("out of memory: lower --batch or --input-size, or use a smaller network")
         except USER_ERRORS as error:
@@ -69,11 +86,29 @@ def table(headers: list[str], rows: list[list], right: set[int] | None = None) -
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]])
 
 
+def _spec_options() -> tuple[list[str], str]:
+    """How the running verb lets a user name a network: its own options only, for messages."""
+    ctx = click.get_current_context(silent=True)
+    params = {param.name: param for param in ctx.command.params} if ctx else {}
+    ways, by_name = [], "NAME"
+    if "name" in params:
+        is_option = isinstance(params["name"], click.Option)
+        by_name = "--arch NAME" if is_option else "NAME"
+        ways.append(by_name)
+    if "spec_file" in params:
+        ways.append("--spec FILE.json")
+    if "depth" in params:
+        ways.append("--depth N")
+    return ways or ["NAME"], by_name
+
+
 def load_spec(name: str | None, spec_file: str | None, depth: int | None = None) -> ResNetSpec:
-    """The spec from exactly one of NAME, --spec FILE or --depth N."""
+    """The spec from exactly one of NAME (or --arch NAME), --spec FILE or --depth N."""
     given = [x for x in (name, spec_file, depth) if x is not None]
     if len(given) != 1:
-        raise click.UsageError("give exactly one of NAME, --spec FILE.json or --depth N")
+        ways, _ = _spec_options()
+        listed = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
+        raise click.UsageError(f"give exactly one of {listed}" if len(ways) > 1 else f"give {listed}")
     if spec_file is not None:
         path = Path(spec_file)
         if not path.is_file():
@@ -86,9 +121,10 @@ def load_spec(name: str | None, spec_file: str | None, depth: int | None = None)
             raise SpecError(f"{spec_file}: {error}") from None
     if depth is not None:
         if f"resnet{depth}" not in zoo.names():
+            _, by_name = _spec_options()
             raise ValueError(f"unknown depth {depth}: ImageNet ResNets have depth "
                              f"{'/'.join(map(str, zoo.IMAGENET_DEPTHS))}, CIFAR ResNets "
-                             f"{'/'.join(map(str, zoo.CIFAR_DEPTHS))}; other presets by name: --arch NAME")
+                             f"{'/'.join(map(str, zoo.CIFAR_DEPTHS))}; other presets by name: {by_name}")
         return zoo.get(f"resnet{depth}")
     return zoo.get(name)
 
@@ -109,11 +145,27 @@ def backend_list(value: str | None, include_numpy: bool) -> list[str]:
         if not names:
             raise ValueError("no backend is available here: pip install 'portres[all]'")
         return names
-    names = [n.strip() for n in value.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise click.UsageError(f"no backend named in {value!r}; give e.g. tinygrad,mlx or 'all'")
     for n in names:
         if n not in registry.NAMES:
             raise ValueError(f"unknown backend {n!r}; choose from {', '.join(registry.NAMES)} or 'all'")
     return names
+
+
+def json_line(record) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null, never `NaN`/`Infinity`."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(record), allow_nan=False)
 
 
 def fmt_error(x: float) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from .app import backend_list, fmt_error, load_spec, main, table
+from .app import backend_list, fmt_error, json_line, load_spec, main, table
 
 
 @main.command()
@@ -26,16 +25,23 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, devi
 
     Exit status 1 if any backend is off by more than the tolerance (1e-4 relative L2 in
     float32, 2e-2 in float16/bfloat16); the report then names the first op that diverges.
+    Status 2 for a usage or environment error, including a backend that cannot run here.
     """
+    from portres import backends as registry
     from portres import parity as checker
 
     spec = load_spec(name, spec_file, depth)
     size = input_size or checker.default_input_size(spec)
-    results = checker.check(spec, backend_list(backend_names, include_numpy=False), input_size=size,
-                            batch=batch, dtype=dtype, seed=seed, device=device)
+    names = backend_list(backend_names, include_numpy=False)
+    if backend_names not in (None, "all"):  # asked for by name: it must be able to run
+        for backend in names:
+            if reason := registry.unavailable_reason(backend, device):
+                raise registry.BackendUnavailable(f"backend {backend!r} cannot run: {reason}")
+    checker.check_memory(spec, size, batch)
+    results = checker.check(spec, names, input_size=size, batch=batch, dtype=dtype, seed=seed, device=device)
     if as_json:
         for r in results:
-            click.echo(json.dumps({"network": spec.name, "input_size": size, "batch": batch, **r.to_dict()}))
+            click.echo(json_line({"network": spec.name, "input_size": size, "batch": batch, **r.to_dict()}))
     else:
         click.echo(f"{spec.name}: batch {batch} at {size}x{size}, seed {seed}, vs float64 NumPy reference\n")
         rows = []
@@ -53,4 +59,6 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, devi
                 click.echo(f"\n{r.backend}: could not run: {r.error}")
             elif not r.passed:
                 click.echo(f"\n{r.backend}: diverges first at {r.divergence or 'no single op (accumulated error)'}")
-    sys.exit(0 if all(r.passed for r in results) else 1)
+    if any(not r.passed and not r.error for r in results):
+        sys.exit(1)  # ran, and a backend disagrees
+    sys.exit(2 if any(r.error for r in results) else 0)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .plan import INPUT, Plan, as_plan
@@ -106,3 +107,38 @@ def summary(spec: ResNetSpec | Plan, input_size=224) -> Summary:
 def default_input_size(spec: ResNetSpec) -> int:
     """The input side a network is usually run at: 32 for CIFAR stems, 224 otherwise."""
     return 32 if spec.stem.kind == "cifar" else 224
+
+
+def activation_bytes(spec: ResNetSpec | Plan, input_size, batch: int, itemsize: int = 8) -> int:
+    """Rough peak memory of one forward pass of ``batch`` images: the widest conv's input, output and
+    im2col buffer (how the reference convolves), plus every stage output kept for comparisons.
+
+        >>> activation_bytes("resnet50", 224, batch=16) / 2**30 < 4
+        True
+    """
+    plan = as_plan(spec)
+    shapes = infer_shapes(plan, input_size)
+    widest = 0
+    for op in plan.ops:
+        inputs = sum(math.prod(shapes[name]) for name in op.inputs)
+        output = math.prod(shapes[op.output])
+        columns = output // op.layer.out_channels * op.layer.in_channels * op.layer.kernel_size ** 2 \
+            if op.kind == "conv2d" else 0
+        widest = max(widest, inputs + output + columns)
+    kept = sum(math.prod(shapes[value]) for _, value in plan.features) + math.prod(shapes[INPUT])
+    return (widest + kept) * batch * itemsize
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS says a new allocation can get (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .analysis import check_input_size
 from .plan import INPUT, Op, Plan, apply_op, fold_batch_norm, make_plan, run_plan
 from .spec import ResNetSpec
 from .weights import init_params, load_weights
-from .zoo import get
+from .zoo import resolve as resolve_spec
 
 
 class Model:
@@ -26,6 +28,8 @@ class Model:
         self.spec = spec  # the architecture
         self.backend = backend  # the backend's Backend object (device, dtype, primitives)
         self.plan = plan  # the plan it executes (BN may be folded into convs)
+        # a backend whose framework keeps process-wide state offers a lock; calls then take turns
+        self._lock = getattr(backend, "lock", None) or contextlib.nullcontext()
         self.params = backend.load_params(plan, params)  # backend arrays, keyed by parameter name
         self._forward = backend.compile(self._logits_on(backend))
         # where a backend's fast path spreads NaN/inf differently from the reference (tinygrad's Winograd
@@ -66,7 +70,8 @@ class Model:
         """Logits ``(N, num_classes)`` for the NCHW batch ``x``."""
         x = self.check_input(x)
         backend, forward = self._lowering_for(x)
-        return backend.to_numpy(forward(self.params, backend.from_numpy(x)))
+        with self._lock:
+            return backend.to_numpy(forward(self.params, backend.from_numpy(x)))
 
     def forward(self, x_on_device):
         """Logits as a backend array, for an input already converted with
@@ -82,23 +87,17 @@ class Model:
         """Intermediate values by plan value name (``names`` maps new keys to value names)."""
         x = self.check_input(x)
         backend, _ = self._lowering_for(x)
-        kept = run_plan(self.plan, backend, self.params, backend.from_numpy(x), keep=tuple(keep))
-        if names is None:
-            return {name: backend.to_numpy(kept[name]) for name in keep}
-        return {key: backend.to_numpy(kept[value]) for key, value in names.items()}
+        with self._lock:
+            kept = run_plan(self.plan, backend, self.params, backend.from_numpy(x), keep=tuple(keep))
+            if names is None:
+                return {name: backend.to_numpy(kept[name]) for name in keep}
+            return {key: backend.to_numpy(kept[value]) for key, value in names.items()}
 
     def run_op(self, op: Op, inputs: list[np.ndarray]) -> np.ndarray:
         """Run a single op of the plan on given NCHW inputs (for locating divergences)."""
-        args = [self.backend.from_numpy(np.asarray(a)) for a in inputs]
-        return self.backend.to_numpy(apply_op(self.backend, op, args, self.params))
-
-
-def resolve_spec(spec) -> ResNetSpec:
-    if isinstance(spec, ResNetSpec):
-        return spec
-    if isinstance(spec, str):
-        return get(spec)
-    raise TypeError(f"expected a ResNetSpec or a preset name, got {type(spec).__name__}")
+        with self._lock:
+            args = [self.backend.from_numpy(np.asarray(a)) for a in inputs]
+            return self.backend.to_numpy(apply_op(self.backend, op, args, self.params))
 
 
 def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,

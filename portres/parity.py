@@ -165,6 +165,18 @@ def locate_divergence(model, reference: Reference) -> str | None:
     return None
 
 
+def check_memory(spec, input_size: int, batch: int) -> None:
+    """Refuse a parity run whose float64 reference alone would not fit in memory (``ValueError``)."""
+    from .analysis import activation_bytes, available_memory_bytes
+
+    need = activation_bytes(resolve_spec(spec), input_size, batch, itemsize=8)
+    have = available_memory_bytes()
+    if have is not None and need > 0.8 * have:
+        raise ValueError(f"parity of {resolve_spec(spec).name} at batch {batch}, {input_size}x{input_size} needs about "
+                         f"{need / 2**30:.1f} GiB for the float64 reference's activations, and "
+                         f"{have / 2**30:.1f} GiB are available: lower --batch or --input-size")
+
+
 def check(spec, backends, *, input_size: int | None = None, batch: int = 2, dtype: str = "float32", seed: int = 0,
           device: str | None = None, locate: bool = True) -> list[ParityResult]:
     """Parity of each backend in ``backends`` against the reference on one random case.
@@ -172,13 +184,20 @@ def check(spec, backends, *, input_size: int | None = None, batch: int = 2, dtyp
     A backend that cannot be built or crashes is reported (``error``), and the others still run.
     """
     spec = resolve_spec(spec)
-    images, params = parity_case(spec, input_size or default_input_size(spec), batch, seed)
+    input_size = input_size or default_input_size(spec)
+    from .backends.numpy import DTYPES as NUMPY_DTYPES
+
+    if "numpy" in backends and dtype not in NUMPY_DTYPES:
+        raise ValueError(f"the numpy backend computes in {' or '.join(NUMPY_DTYPES)}, not {dtype}: "
+                         "leave numpy out of the backends or choose float32")
+    check_memory(spec, input_size, batch)
+    images, params = parity_case(spec, input_size, batch, seed)
     reference = Reference(spec, images, params)
     full_reference = None
     results = []
     for name in backends:
         try:
-            model = build(spec, name, params, device=device, dtype=None if name == "numpy" else dtype)
+            model = build(spec, name, params, device=device, dtype=dtype)
             result = compare(model, images, reference)
             if not result.passed and locate:
                 full_reference = full_reference or Reference(spec, images, params, keep_all=True)

@@ -47,6 +47,10 @@ class Layer:
         """Multiply-accumulates per sample."""
         return 0
 
+    def problem(self) -> str | None:
+        """Why this layer cannot be computed, or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class Conv2d(Layer):
@@ -58,6 +62,12 @@ class Conv2d(Layer):
     padding: int = 0  # zeros added on every side
     groups: int = 1  # channel groups (ResNeXt cardinality)
     bias: bool = False  # only true after batch-norm folding
+
+    def problem(self):
+        for what, channels in (("input", self.in_channels), ("output", self.out_channels)):
+            if channels % self.groups:
+                return f"groups={self.groups} does not divide its {channels} {what} channels"
+        return None
 
     def param_shapes(self):
         weight = (self.out_channels, self.in_channels // self.groups, self.kernel_size, self.kernel_size)
@@ -222,6 +232,8 @@ class Op:
     def __post_init__(self) -> None:
         if not self.output:
             object.__setattr__(self, "output", self.name)
+        if (problem := self.layer.problem()) is not None:
+            raise ValueError(f"{self.name} ({self.kind}): {problem}")
 
     @property
     def kind(self) -> str:
@@ -273,7 +285,7 @@ class Plan:
 
 
 def as_plan(spec_or_plan) -> Plan:
-    """``spec_or_plan`` itself if it is a Plan, else its (cached) plan."""
+    """``spec_or_plan`` itself if it is a Plan, else the (cached) plan of a spec or preset name."""
     return spec_or_plan if isinstance(spec_or_plan, Plan) else make_plan(spec_or_plan)
 
 
@@ -293,9 +305,17 @@ class _Builder:
         return self.add(bn, BatchNorm(cout, spec.bn_eps, zero_init), x)
 
 
+def make_plan(spec: ResNetSpec | str) -> Plan:
+    """The flat op sequence for ``spec``, a ResNetSpec or a preset name (cached: specs are immutable)."""
+    if not isinstance(spec, ResNetSpec):
+        from .zoo import resolve  # zoo.py registers specs, which are checked by building their plans
+
+        spec = resolve(spec)
+    return _make_plan(spec)
+
+
 @lru_cache(maxsize=256)
-def make_plan(spec: ResNetSpec) -> Plan:
-    """The flat op sequence for ``spec`` (cached: specs are immutable)."""
+def _make_plan(spec: ResNetSpec) -> Plan:
     b = _Builder()
     x, total_stride = _stem(b, spec)
     features = [("stem", x)]

@@ -24,16 +24,27 @@ STEM_KINDS = ("imagenet", "deep", "cifar")
 BOTTLENECK_STRIDE_POSITIONS = ("3x3", "1x1")
 BOTTLENECK_EXPANSION = 4  # a bottleneck block outputs 4x its stage width (He et al. 2016)
 
+# Upper bounds: generous for every published ResNet (resnet1202: 600 blocks; ImageNet-21k: 21,843
+# classes), small enough that a typo cannot make `summary` or `init_params` run away.
+MAX_BLOCKS = 10_000  # residual blocks in the whole network
+MAX_STAGES = 32  # stages
+MAX_CHANNELS = 16_384  # channels of any conv (after width_factor / groups / expansion)
+MAX_STRIDE = 16  # stride of one stage
+MAX_CLASSES = 100_000  # outputs of the classifier
+MAX_IN_CHANNELS = 1_024  # channels of the input image
+
 
 class SpecError(ValueError):
     """An invalid spec: the message names the field, the value and the rule."""
 
 
-def _check_int(where: str, value, minimum: int = 1) -> None:
+def _check_int(where: str, value, minimum: int = 1, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{where}={value!r} must be an integer")
     if value < minimum:
         raise SpecError(f"{where}={value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{where}={value:,} exceeds the limit of {maximum:,}; use a smaller value")
 
 
 def _check_choice(where: str, value, choices: tuple[str, ...]) -> None:
@@ -52,8 +63,8 @@ class StemSpec:
 
     def __post_init__(self) -> None:
         _check_choice("stem.kind", self.kind, STEM_KINDS)
-        _check_int("stem.width", self.width)
-        _check_int("stem.deep_width", self.deep_width)
+        _check_int("stem.width", self.width, maximum=MAX_CHANNELS)
+        _check_int("stem.deep_width", self.deep_width, maximum=MAX_CHANNELS)
         if not isinstance(self.max_pool, bool):
             raise SpecError(f"stem.max_pool={self.max_pool!r} must be true or false")
 
@@ -67,8 +78,9 @@ class StageSpec:
     stride: int = 1  # stride of the stage's first block (later blocks use 1)
 
     def __post_init__(self) -> None:
-        for field_name in ("blocks", "width", "stride"):
-            _check_int(f"stage.{field_name}", getattr(self, field_name))
+        limits = {"blocks": MAX_BLOCKS, "width": MAX_CHANNELS, "stride": MAX_STRIDE}
+        for field_name, maximum in limits.items():
+            _check_int(f"stage.{field_name}", getattr(self, field_name), maximum=maximum)
 
 
 @dataclass(frozen=True)
@@ -97,18 +109,24 @@ class ResNetSpec:
             object.__setattr__(self, "stages", tuple(self.stages))
         if not isinstance(self.stages, tuple) or not self.stages:
             raise SpecError(f"stages={self.stages!r} must be a non-empty sequence of StageSpec")
+        if len(self.stages) > MAX_STAGES:
+            raise SpecError(f"{len(self.stages)} stages exceed the limit of {MAX_STAGES}")
         for index, stage in enumerate(self.stages):
             if not isinstance(stage, StageSpec):
                 raise SpecError(f"stages[{index}]={stage!r} must be a StageSpec")
+        total_blocks = sum(stage.blocks for stage in self.stages)
+        if total_blocks > MAX_BLOCKS:
+            raise SpecError(f"{total_blocks:,} blocks in all exceed the limit of {MAX_BLOCKS:,} "
+                            "(resnet1202 has 600); use fewer blocks per stage")
         if not isinstance(self.stem, StemSpec):
             raise SpecError(f"stem={self.stem!r} must be a StemSpec")
         _check_choice("block", self.block, BLOCK_KINDS)
         _check_choice("shortcut", self.shortcut, SHORTCUT_KINDS)
         _check_choice("bottleneck_stride_at", self.bottleneck_stride_at, BOTTLENECK_STRIDE_POSITIONS)
-        _check_int("groups", self.groups)
-        _check_int("width_factor", self.width_factor)
-        _check_int("num_classes", self.num_classes)
-        _check_int("in_channels", self.in_channels)
+        _check_int("groups", self.groups, maximum=MAX_CHANNELS)
+        _check_int("width_factor", self.width_factor, maximum=MAX_CHANNELS)
+        _check_int("num_classes", self.num_classes, maximum=MAX_CLASSES)
+        _check_int("in_channels", self.in_channels, maximum=MAX_IN_CHANNELS)
         for flag in ("residual", "zero_init_last_bn"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag}={getattr(self, flag)!r} must be true or false")
@@ -116,7 +134,7 @@ class ResNetSpec:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
             raise SpecError(f"bn_eps={eps!r} must be a finite number > 0")
         if self.width_per_group is not None:
-            _check_int("width_per_group", self.width_per_group)
+            _check_int("width_per_group", self.width_per_group, maximum=MAX_CHANNELS)
             if not self.is_bottleneck:
                 raise SpecError(
                     f"width_per_group={self.width_per_group} only applies to bottleneck blocks, "
@@ -143,12 +161,28 @@ class ResNetSpec:
                 what = "bottleneck width" if self.is_bottleneck else "block width"
                 raise SpecError(f"groups={self.groups} must divide the {what} {inner} (stages[{index}])")
             out = self.out_width(stage)
+            if max(inner, out) > MAX_CHANNELS:
+                raise SpecError(f"stages[{index}] has {max(inner, out):,} channels, over the limit of "
+                                f"{MAX_CHANNELS:,}; lower its width or width_factor")
             if self.residual and self.shortcut == "A" and out < channels:
                 raise SpecError(
                     f"shortcut='A' cannot shrink channels: stages[{index}] goes from {channels} to {out}; "
                     "use shortcut='B'"
                 )
             channels = out
+        self._check_plan()
+
+    def _check_plan(self) -> None:
+        """Every conv of the plan must be computable (e.g. groups divide a basic block's *input*
+        channels too): checked here, so `summary` never prints an impossible conv."""
+        from .analysis import infer_shapes  # both build on this module
+        from .plan import make_plan
+
+        try:
+            plan = make_plan(self)
+            infer_shapes(plan, plan.total_stride)  # every op's channel arithmetic, at the smallest input
+        except ValueError as error:
+            raise SpecError(f"{error}; adjust stem.width, the stage widths or groups") from None
 
     # -- derived shape facts (the plan uses these; nothing else re-derives them) --
 
@@ -224,7 +258,10 @@ class ResNetSpec:
                 raise SpecError(f"stem={stem!r} must be an object")
             _reject_unknown("stem", stem, StemSpec)
             data["stem"] = StemSpec(**stem)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as error:  # e.g. a non-string key
+            raise SpecError(f"spec: {error}") from None
 
     @classmethod
     def from_json(cls, text: str) -> ResNetSpec:
@@ -232,6 +269,8 @@ class ResNetSpec:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise SpecError(f"spec is not valid JSON: {error}") from None
+        except RecursionError:
+            raise SpecError("spec JSON is nested too deeply to be a spec") from None
         return cls.from_dict(data)
 
 

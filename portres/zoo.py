@@ -37,8 +37,8 @@ class ZooEntry:
 _REGISTRY: dict[str, ZooEntry] = {}
 
 
-class UnknownNameError(KeyError):
-    """An unknown preset name; the message lists the closest names."""
+class UnknownNameError(SpecError, KeyError):
+    """An unknown preset name; the message lists the closest names (a SpecError and, as before, a KeyError)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -58,6 +58,9 @@ def names() -> list[str]:
 
 
 def entry(name: str) -> ZooEntry:
+    if not isinstance(name, str):
+        raise UnknownNameError(f"a preset name must be a string, got {type(name).__name__} {name!r} "
+                               "(`portres list` shows all)")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
@@ -68,6 +71,15 @@ def entry(name: str) -> ZooEntry:
 def get(name: str) -> ResNetSpec:
     """The spec registered as ``name``, e.g. ``portres.get("resnext50_32x4d")``."""
     return entry(name).spec
+
+
+def resolve(spec_or_name) -> ResNetSpec:
+    """A ResNetSpec as is, a preset name as its spec: what every function taking a spec accepts."""
+    if isinstance(spec_or_name, ResNetSpec):
+        return spec_or_name
+    if isinstance(spec_or_name, str):
+        return get(spec_or_name)
+    raise SpecError(f"expected a ResNetSpec or a preset name, got {type(spec_or_name).__name__}")
 
 
 def resnet(depth: int, *, name: str | None = None, preactivation: bool = False, **knobs) -> ResNetSpec:

@@ -64,3 +64,16 @@ def test_tinygrad_jit_replays_read_each_new_input(case):
     other = np.random.default_rng(7).standard_normal(images.shape).astype(np.float32)
     assert parity.relative_error(model(other), numpy_model(other)) < 1e-5  # a replay, fed a new batch
     assert parity.relative_error(model(images), reference) < 1e-5
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_a_model_built_in_one_thread_runs_in_others_concurrently(case, backend):
+    # MLX once raised "There is no Stream(cpu, 1) in current thread" here and aborted at exit
+    import concurrent.futures
+
+    spec, images, params, reference = case
+    model = portres.build(spec, backend, params)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(lambda i: model(images[i % 5:i % 5 + 2]), range(6)))
+    for i, out in enumerate(outputs):
+        assert parity.relative_error(out, reference[i % 5:i % 5 + 2]) < 1e-5

@@ -67,6 +67,13 @@ def test_spec_prints_round_trippable_json():
     (["summary", "resnet18", "--input-size", "x"], "Invalid value for '--input-size'"),
     (["frobnicate"], "No such command 'frobnicate'"),
     (["parity", "resnet20", "--backends", "jax"], "unknown backend 'jax'"),
+    (["parity", "resnet20", "--backends", ""], "no backend named in ''"),
+    (["parity", "resnet20", "--backends", ","], "no backend named in ','"),
+    (["parity", "resnet20", "--backends", "numpy", "--dtype", "float16"], "in float64 or float32, not float16"),
+    (["parity", "resnet50", "--batch", "100000"], "needs about"),
+    (["summary"], "give exactly one of NAME or --spec FILE.json"),
+    (["parity"], "give exactly one of NAME, --spec FILE.json or --depth N"),
+    (["bench", "--depth", "51"], "other presets by name: --arch NAME"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = run(*args)
@@ -134,4 +141,52 @@ def test_parity_reports_a_backend_that_cannot_run_as_error():
     result = run("parity", "resnet20", "--backends", "tinygrad", "--dtype", "bfloat16")
     if result.exit_code == 0:
         pytest.skip("this machine's clang compiles bfloat16")
-    assert result.exit_code == 1 and "ERROR" in result.output and "could not run" in result.output
+    assert result.exit_code == 2 and "ERROR" in result.output and "could not run" in result.output
+
+
+def test_messages_only_offer_options_the_verb_has():
+    assert "--depth" not in run("summary").output  # summary has no --depth
+    assert "--arch" not in run("parity", "--depth", "51").output  # parity takes NAME, not --arch
+
+
+def test_bare_portres_prints_the_help_without_an_error():
+    result = run()
+    assert result.exit_code in (0, 2) and "Usage:" in result.output and "error" not in result.output
+    assert "parity" in result.output
+
+
+def test_a_missing_framework_in_parity_exits_2(monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, device=None: "torch is not installed: pip install 'portres[torch]'"
+                        if name == "torch" else None)
+    result = run("parity", "resnet20", "--backends", "torch")
+    assert result.exit_code == 2 and "portres[torch]" in result.output and result.output.count("\n") == 1
+
+
+def _strict_json(line: str):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.skipif(not FRAMEWORKS, reason="no framework backend installed")
+def test_parity_json_is_strict_when_a_backend_returns_nan(monkeypatch):
+    backend = FRAMEWORKS[0]
+    module = backends.load(backend)
+    monkeypatch.setattr(module.Backend, "relu", lambda self, x: x * float("nan"))
+    result = run("parity", "resnet20", "--backends", backend, "--json")
+    assert result.exit_code == 1
+    (record,) = [_strict_json(line) for line in result.stdout.splitlines()]
+    assert record["logits_error"] is None and record["passed"] is False
+
+
+def test_broken_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    script = "from portres.cli import main; main(['summary', 'resnet1202', '--ops'])"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.readline()
+    child.stdout.close()  # like `| head -1`
+    assert child.wait(timeout=60) == 0
+    assert child.stderr.read() == b""

@@ -172,3 +172,44 @@ def test_cifar_depth_must_be_6n_plus_2():
     with pytest.raises(SpecError, match="depth=21 must be 6n\\+2"):
         zoo.cifar_resnet(21)
     assert sum(s.blocks for s in zoo.cifar_resnet(56).stages) == 27
+
+
+def test_groups_must_divide_every_conv_input_too():
+    # basic blocks with groups=2 after a 15-channel stem: summary used to print an impossible conv
+    with pytest.raises(SpecError, match=r"layer1\.0\.conv1 \(conv2d\): groups=2 does not divide its 15 input"):
+        ResNetSpec(name="odd", block="basic", groups=2, stem=StemSpec(width=15), stages=(StageSpec(1, 16, 1),))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ResNetSpec(name="x", block="basic", stages=(StageSpec(10**9, 16, 1),)), "stage.blocks=1,000,000,000"),
+    (lambda: ResNetSpec(name="x", block="basic", stages=(StageSpec(5_000, 16, 1), StageSpec(5_001, 16, 1))),
+     "10,001 blocks in all exceed the limit"),
+    (lambda: ResNetSpec(name="x", block="basic", stages=(StageSpec(1, 10**6, 1),)), "stage.width=1,000,000"),
+    (lambda: ResNetSpec(name="x", block="bottleneck", stages=(StageSpec(1, 8192, 1),)), "32,768 channels"),
+    (lambda: ResNetSpec(name="x", block="basic", stages=(StageSpec(1, 8, 1),), num_classes=10**9),
+     "num_classes=1,000,000,000 exceeds"),
+    (lambda: ResNetSpec(name="x", block="basic", stages=(StageSpec(1, 8, 1),) * 40), "40 stages exceed"),
+])
+def test_sane_upper_bounds_with_messages(make, message):
+    with pytest.raises(SpecError, match=message):
+        make()
+
+
+def test_deeply_nested_json_is_a_spec_error_not_a_recursion_error():
+    with pytest.raises(SpecError, match="nested too deeply"):
+        ResNetSpec.from_json("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize("bad", [None, 3, 2.5, ["resnet50"]])
+def test_preset_lookup_of_a_non_name_is_a_clear_error(bad):
+    with pytest.raises(SpecError, match="preset name must be a string"):
+        portres.get(bad)
+
+
+def test_a_preset_name_is_accepted_wherever_a_spec_is():
+    spec = portres.get("resnet20")
+    assert portres.summary("resnet20", 32).params == portres.summary(spec, 32).params == 269_722
+    assert portres.make_plan("resnet20") is portres.make_plan(spec)
+    assert set(portres.init_params("resnet20")) == set(portres.init_params(spec))
+    with pytest.raises(SpecError, match="expected a ResNetSpec or a preset name, got int"):
+        portres.summary(5)
