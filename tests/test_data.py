@@ -441,6 +441,8 @@ def test_an_incomplete_extraction_or_archive_names_the_missing_member(tmp_path):
     (tmp_path / "x" / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DataError, match=r"cifar-10-batches-py lacks data_batch_4 of cifar10; extract"):
         data.load("cifar10", tmp_path / "x")
+    members = write_cifar(tmp_path / "x", form="archive", seed=1)  # with the archive beside it, it is read
+    np.testing.assert_array_equal(data.load("cifar10", tmp_path / "x").test_labels, members["test_batch"][b"labels"])
     (tmp_path / "y").mkdir()
     write_cifar(tmp_path / "y", tweak=lambda members: members.pop("batches.meta"))
     with pytest.raises(DataError, match=r"lacks cifar-10-batches-py/batches.meta; it is not cifar-10-python.tar.gz"):

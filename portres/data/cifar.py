@@ -139,21 +139,23 @@ def read_members(layout: Layout, data_dir) -> dict[str, bytes]:
     """The bytes of every member ``layout`` needs, from the extracted folder or the .tar.gz.
 
     Looks in ``data_dir/<folder>/``, then ``data_dir`` itself (pointed at the extracted folder),
-    then ``data_dir/<archive>``; ``data_dir`` may also be the archive's path.
+    then ``data_dir/<archive>``; ``data_dir`` may also be the archive's path. A partly extracted
+    folder is an error unless the archive sits beside it.
     """
     data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     needed = (*layout.train, layout.test, layout.meta)
     if data_dir.is_file():
         return _from_archive(layout, data_dir, needed)
+    archive = data_dir / layout.archive
     for folder in (data_dir / layout.folder, data_dir):
         present = [name for name in needed if (folder / name).is_file()]
         if present:
             missing = [name for name in needed if name not in present]
-            if missing:
+            if not missing:
+                return {name: (folder / name).read_bytes() for name in needed}
+            if not archive.is_file():
                 raise DataError(f"{folder} lacks {', '.join(missing)} of {layout.name}; extract {layout.archive} "
                                 f"(from {URL}) there again")
-            return {name: (folder / name).read_bytes() for name in needed}
-    archive = data_dir / layout.archive
     if archive.is_file():
         return _from_archive(layout, archive, needed)
     detail = "" if data_dir.is_dir() else f" ({data_dir} does not exist)"
