@@ -1,0 +1,130 @@
+"""Users' own images in the ImageFolder layout (torchvision's), read with Pillow::
+
+    DIR/train/<class>/*.png|jpg|jpeg
+    DIR/test/<class>/...          (or DIR/val/<class>/...)
+
+Class names are the folder names, sorted; labels are their indices. Every image is converted to
+RGB or grayscale and resized to ``image_size`` x ``image_size`` (bilinear, antialiased when
+shrinking; the aspect ratio is not kept: crop first if it matters), so the set is a uint8 array.
+Files with other extensions and hidden entries are skipped.
+
+    >>> ds = load_folder("pets", image_size=64)  # doctest: +SKIP
+    >>> ds.describe()  # doctest: +SKIP
+    'folder:pets: 800 train / 200 test, 3x64x64 uint8, 2 classes'
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import DataError, Dataset
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")  # what counts as an image (case-insensitive)
+COLORS = {"rgb": "RGB", "grayscale": "L"}  # color option -> Pillow mode
+TEST_FOLDERS = ("test", "val")  # the held-out split's folder, first found wins
+INSTALL = "pip install 'portres[images]'"  # what a missing Pillow asks for
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"reading an image folder needs Pillow, which is not installed: {INSTALL}") from None
+    return Image
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan(split_dir: Path) -> dict[str, list[Path]]:
+    """``{class name: sorted image paths}`` of one split folder; raises on empty classes."""
+    classes = _visible_dirs(split_dir)
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class name>/")
+    found = {}
+    for folder in classes:
+        images = sorted(p for p in folder.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS)
+        if not images:
+            raise DataError(f"class folder {folder} has no images ({', '.join(EXTENSIONS)}); add some or remove it")
+        found[folder.name] = images
+    return found
+
+
+def _read(path: Path, mode: str, size: int | None) -> np.ndarray:
+    Image = _pillow()
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception as error:  # Pillow signals bad files with several exception types
+        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); "
+                        f"replace or remove the file") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # HW or HWC -> CHW
+
+
+def _read_split(found: dict[str, list[Path]], class_names: tuple[str, ...], mode: str,
+                size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    paths = [path for name in class_names for path in found[name]]
+    labels = np.concatenate([np.full(len(found[name]), index, np.int64) for index, name in enumerate(class_names)])
+    # Pillow decodes without the GIL: a few threads read a folder of small files several times faster
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda path: _read(path, mode, size), paths))
+    first = images[0].shape
+    for path, image in zip(paths, images):
+        if image.shape != first:
+            raise DataError(f"images differ in size ({paths[0]} is {first[2]}x{first[1]}, {path} is "
+                            f"{image.shape[2]}x{image.shape[1]}); pass image_size to resize them all")
+    return np.stack(images), labels
+
+
+def load_folder(data_dir, image_size: int | None = 32, color: str = "rgb") -> Dataset:
+    """An ImageFolder-layout directory (see the module docstring) as a uint8 :class:`Dataset`.
+
+    ``image_size``: the side every image is resized to; None keeps the files' own size, which must
+    then be the same for all. ``color``: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).
+    """
+    if data_dir is None:
+        raise DataError("the folder data set needs a directory: --data-dir DIR with DIR/train/<class>/ and "
+                        "DIR/test/<class>/ (or val/)")
+    if color not in COLORS:
+        raise DataError(f"color={color!r} must be one of {', '.join(COLORS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size < 1):
+        raise DataError(f"image_size={image_size!r} must be a positive integer (or None to keep the files' size)")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; it needs train/<class>/ and test/<class>/ (or val/)")
+    _pillow()  # say so before scanning a large tree
+    train_dir = root / "train"
+    test_dir = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), None)
+    lacking = [folder for folder, present in (("train/", train_dir.is_dir()), ("test/ (or val/)", test_dir))
+               if not present]
+    if lacking:
+        raise DataError(f"image folder {root} has no {' and no '.join(lacking)}; it needs train/<class>/ and "
+                        f"test/<class>/ (or val/)")
+    train_found, test_found = scan(train_dir), scan(test_dir)
+    if set(train_found) != set(test_found):
+        only_train = sorted(set(train_found) - set(test_found))
+        only_test = sorted(set(test_found) - set(train_found))
+        parts = [f"only in {d.name}/: {', '.join(names)}" for d, names in ((train_dir, only_train),
+                                                                          (test_dir, only_test)) if names]
+        raise DataError(f"image folder {root}: train and {test_dir.name} have different classes ({'; '.join(parts)}); "
+                        f"give both splits the same class folders")
+    class_names = tuple(sorted(train_found))
+    mode = COLORS[color]
+    train_images, train_labels = _read_split(train_found, class_names, mode, image_size)
+    test_images, test_labels = _read_split(test_found, class_names, mode, image_size)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(f"image folder {root}: train images are {train_images.shape[3]}x{train_images.shape[2]} but "
+                        f"{test_dir.name} images are {test_images.shape[3]}x{test_images.shape[2]}; "
+                        f"pass image_size to resize them all")
+    return Dataset(f"folder:{root.resolve().name}", train_images, train_labels, test_images, test_labels,
+                   num_classes=len(class_names), class_names=class_names)
