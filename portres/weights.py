@@ -10,6 +10,17 @@ Elsewhere the scheme is the analogous one:
   ``bn1``; avg-down shortcuts are ``downsample.1`` (conv) and ``downsample.2`` (BN);
 * CIFAR: ``conv1``, ``bn1``, ``layer1..3``, ``fc``; option-A shortcuts have no parameters.
 
+Files are never half-written and never half-read:
+
+* ``save_weights`` checks every tensor as ``load_weights`` will, then writes through
+  ``_atomic_write(path, write_fn)`` (reusable for any file, e.g. training checkpoints): a
+  unique temporary file beside the destination, fsynced and renamed over it, so a crash,
+  Ctrl-C or a concurrent writer leaves one complete old or new file and no temporary file.
+* Reading validates a file's directory first (the safetensors header, as strictly as the
+  reference library; the zip directory and each member's ``.npy`` header) and then reads
+  only the tensors needed: a file that does not fit the spec is rejected unread, and a
+  small ``.npz`` claiming gigabytes is never decompressed.
+
     >>> import portres
     >>> params = portres.init_params(portres.get("resnet18"), seed=0)
     >>> params["conv1.weight"].shape
@@ -104,8 +115,9 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
     a mix, and never the temporary file. A new file gets the mode any new file gets (0666
     less the umask); a replaced file keeps its mode; through a symlink, the link's target is
     replaced and the link kept. A destination that cannot be written (missing or read-only
-    directory, a directory, a read-only file, a full disk) raises :class:`WeightsError` naming
-    ``path``; errors raised by ``write_fn`` itself pass through unchanged.
+    directory, a directory, a read-only file) and any ``OSError`` while writing (a full disk)
+    raise :class:`WeightsError` naming ``path``, never the temporary file; other exceptions
+    from ``write_fn`` pass through unchanged.
 
         >>> _atomic_write("/tmp/notes.txt", lambda file: file.write(b"hello"))
     """
@@ -226,7 +238,7 @@ def _checked_for_saving(path: Path, params) -> dict[str, np.ndarray]:
         elif array.dtype.kind == "f" and not np.isfinite(array).all():
             problems.append(f"{name}: contains NaN or inf")
         else:
-            arrays[name] = np.ascontiguousarray(array)
+            arrays[name] = np.asarray(array, order="C")  # ascontiguousarray would make a scalar shape (1,)
     if problems:
         raise WeightsError(f"nothing was written to {path}; these tensors would not load:\n  " + "\n  ".join(problems))
     return arrays
@@ -393,9 +405,12 @@ class _DuplicateKey(Exception):
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise _DuplicateKey(next(key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1))
+    # json.loads keeps the last of two equal keys; in a header that would silently pick one of two tensors.
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
     return result
 
 
