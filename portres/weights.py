@@ -124,19 +124,24 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     target = Path(os.path.realpath(path))  # through a symlink: replace its target, keep the link
     directory = target.parent
-    if target.is_dir():
+    if os.path.isdir(target):
         raise WeightsError(f"cannot write {path}: it is a directory; give the path of a file inside it")
-    if not directory.is_dir():
-        if directory.exists():
-            raise WeightsError(f"cannot write {path}: {directory} is not a directory")
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            raise NotADirectoryError
+    except FileNotFoundError:
         raise WeightsError(f"cannot write {path}: directory {directory} does not exist; create it first "
-                           f"(mkdir -p {shlex.quote(str(directory))})")
+                           f"(mkdir -p {shlex.quote(str(directory))})") from None
+    except NotADirectoryError:
+        raise WeightsError(f"cannot write {path}: {directory} is not a directory") from None
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: cannot reach {directory} ({error.strerror})") from None
     try:
         old_mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         old_mode = None
     except OSError as error:
-        raise WeightsError(f"cannot write {path}: {error.strerror}") from None
+        raise WeightsError(f"cannot write {path}: {error.strerror}; check the permissions of {directory}") from None
     if old_mode is not None and not os.access(target, os.W_OK):
         raise WeightsError(f"cannot write {path}: the existing file is read-only (mode {old_mode:o}); make it "
                            f"writable (chmod u+w {shlex.quote(str(path))}) or save elsewhere")
@@ -305,17 +310,17 @@ def _open_weights_file(path) -> Iterator[dict[str, _Entry]]:
     path = Path(path)
     if path.suffix not in _FORMATS:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .npz")
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path, not Path: it answers False instead of raising where access is denied
         raise WeightsError(f"{path} is a directory, not a weights file; give the path of a {path.suffix} file")
-    if path.exists() and not path.is_file():
+    if os.path.exists(path) and not os.path.isfile(path):
         raise WeightsError(f"{path} is not a regular file; give the path of a {path.suffix} file")
     try:
         file = open(path, "rb")
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such weights file") from None
     except PermissionError:
-        raise WeightsError(f"{path}: permission denied; make it readable "
-                           f"(chmod u+r {shlex.quote(str(path))})") from None
+        raise WeightsError(f"{path}: permission denied; make it readable (chmod u+r {shlex.quote(str(path))}) "
+                           "and its directories searchable") from None
     except OSError as error:
         raise WeightsError(f"{path}: cannot open ({error.strerror})") from None
     with file:
