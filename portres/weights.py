@@ -10,6 +10,17 @@ Elsewhere the scheme is the analogous one:
   ``bn1``; avg-down shortcuts are ``downsample.1`` (conv) and ``downsample.2`` (BN);
 * CIFAR: ``conv1``, ``bn1``, ``layer1..3``, ``fc``; option-A shortcuts have no parameters.
 
+Files are never half-written and never half-read:
+
+* ``save_weights`` checks every tensor as ``load_weights`` will, then writes through
+  ``_atomic_write(path, write_fn)`` (reusable for any file, e.g. training checkpoints): a
+  unique temporary file beside the destination, fsynced and renamed over it, so a crash,
+  Ctrl-C or a concurrent writer leaves one complete old or new file and no temporary file.
+* Reading validates a file's directory first (the safetensors header, as strictly as the
+  reference library; the zip directory and each member's ``.npy`` header) and then reads
+  only the tensors needed: a file that does not fit the spec is rejected unread, and a
+  small ``.npz`` claiming gigabytes is never decompressed.
+
     >>> import portres
     >>> params = portres.init_params(portres.get("resnet18"), seed=0)
     >>> params["conv1.weight"].shape
@@ -20,14 +31,21 @@ Elsewhere the scheme is the analogous one:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
+import secrets
+import shlex
+import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -75,110 +93,412 @@ def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm:
     return params
 
 
-# -- files --------------------------------------------------------------------------------
+# -- writing files: all or nothing -----------------------------------------------------------
 
+_FORMATS = (".safetensors", ".npz")
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                       "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _NUMPY_TO_SAFETENSORS = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() if v is not None}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the reference safetensors library's limit on the JSON header
+_NUMERIC_KINDS = "fiu"  # dtype kinds a weight may have: bool, complex, strings and objects are not weights
+_CHUNK = 1 << 24  # bytes per read when filling an array from a file (bounds the temporary buffers)
+
+
+def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
+    """Replace the file at ``path`` with the bytes ``write_fn(file)`` writes: all or nothing.
+
+    The bytes go to a new, uniquely named file in the destination's directory, which is
+    fsynced and renamed over the destination (``os.replace``: atomic on POSIX and Windows);
+    the directory is then fsynced where the OS allows. So a crash, a failing ``write_fn``,
+    Ctrl-C or a concurrent writer leaves the complete old file or a complete new one, never
+    a mix, and never the temporary file. A new file gets the mode any new file gets (0666
+    less the umask); a replaced file keeps its mode; through a symlink, the link's target is
+    replaced and the link kept. A destination that cannot be written (missing or read-only
+    directory, a directory, a read-only file) and any ``OSError`` while writing (a full disk)
+    raise :class:`WeightsError` naming ``path``, never the temporary file; other exceptions
+    from ``write_fn`` pass through unchanged.
+
+        >>> _atomic_write("/tmp/notes.txt", lambda file: file.write(b"hello"))
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path))  # through a symlink: replace its target, keep the link
+    directory = target.parent
+    if os.path.isdir(target):
+        raise WeightsError(f"cannot write {path}: it is a directory; give the path of a file inside it")
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            raise NotADirectoryError
+    except FileNotFoundError:
+        raise WeightsError(f"cannot write {path}: directory {directory} does not exist; create it first "
+                           f"(mkdir -p {shlex.quote(str(directory))})") from None
+    except NotADirectoryError:
+        raise WeightsError(f"cannot write {path}: {directory} is not a directory") from None
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: cannot reach {directory} ({error.strerror})") from None
+    try:
+        old_mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        old_mode = None
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: {error.strerror}; check the permissions of {directory}") from None
+    if old_mode is not None and not os.access(target, os.W_OK):
+        raise WeightsError(f"cannot write {path}: the existing file is read-only (mode {old_mode:o}); make it "
+                           f"writable (chmod u+w {shlex.quote(str(path))}) or save elsewhere")
+    descriptor, temporary = _create_temporary(path, directory, target.name, old_mode is None)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write_fn(file)
+            file.flush()
+            if old_mode is not None:
+                os.chmod(temporary, old_mode)
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException as error:  # KeyboardInterrupt too: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):  # a full disk, a vanished directory: name the destination, not the temp file
+            raise WeightsError(f"cannot write {path}: {error.strerror or type(error).__name__}; "
+                               "the existing file, if any, is unchanged") from None
+        raise
+    _fsync_directory(directory)
+
+
+def _create_temporary(path: Path, directory: Path, name: str, new: bool) -> tuple[int, Path]:
+    # Not tempfile.mkstemp: it creates mode 0600, and giving a new file the umask's mode would
+    # need the umask, which a process can only read by changing it (racy with threads). Opening
+    # with 0666 lets the kernel apply the umask and any default ACL as for any new file; a
+    # replaced file's old mode is set after writing.
+    temporary = directory / f".{name[:32]}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(temporary, flags, 0o666 if new else 0o600), temporary
+    except PermissionError:
+        raise WeightsError(f"cannot write {path}: no permission to create files in {directory}; choose a "
+                           "writable directory or fix its permissions") from None
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: cannot create a file in {directory} ({error.strerror})") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable. Windows cannot open a directory, and some file systems
+    # refuse to sync one; the file's own data was synced before the rename either way.
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
-    """Write ``params`` to ``path`` (``.safetensors`` or ``.npz``), atomically."""
+    """Write ``params`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
+
+    Every tensor is first checked as :func:`load_weights` will check it (a non-empty string
+    name the format can store, a numeric dtype, finite values); on any problem nothing is
+    written and one :class:`WeightsError` lists them all. The file is replaced all or nothing
+    (see ``_atomic_write``): it keeps its permissions, and a symlink keeps its link.
+
+        >>> save_weights("/tmp/r20.npz", init_params(portres.get("resnet20")))
+    """
     path = Path(path)
-    arrays = {name: np.ascontiguousarray(np.asarray(value)) for name, value in params.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        header, offset = {}, 0
-        for name, array in arrays.items():
-            if array.dtype not in _NUMPY_TO_SAFETENSORS:
-                raise WeightsError(f"cannot store {name} of dtype {array.dtype} in safetensors")
-            header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[array.dtype], "shape": list(array.shape),
-                            "data_offsets": [offset, offset + array.nbytes]}
-            offset += array.nbytes
-        header["__metadata__"] = {"format": "np", "writer": "portres"}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
-            for array in arrays.values():
-                f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    elif path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    else:
+    if path.suffix not in _FORMATS:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .npz")
-    os.replace(tmp, path)
+    arrays = _checked_for_saving(path, params)
+    if path.suffix == ".safetensors":
+        header = _safetensors_header(path, arrays)
+        _atomic_write(path, lambda file: _write_safetensors(file, header, arrays))
+    else:
+        _atomic_write(path, lambda file: _write_npz(file, arrays))
+
+
+def _checked_for_saving(path: Path, params) -> dict[str, np.ndarray]:
+    if not isinstance(params, Mapping):
+        raise WeightsError(f"cannot save {type(params).__name__} to {path}: give a mapping of name -> array")
+    arrays, problems = {}, []
+    for name, value in params.items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"{name!r}: a tensor name must be a non-empty string")
+            continue
+        if path.suffix == ".safetensors" and name == "__metadata__":
+            problems.append(f"{name}: the name is reserved for the safetensors header's metadata")
+            continue
+        if path.suffix == ".npz" and zipfile.ZipInfo(name + ".npy").filename != name + ".npy":
+            problems.append(f"{name!r}: a zip member cannot be named so (NUL byte or path separator); rename it")
+            continue
+        try:
+            array = _to_numpy(value)
+        except Exception as error:  # noqa: BLE001 - any unconvertible object is a user error here
+            problems.append(f"{name}: cannot convert {type(value).__name__} to an array ({error})")
+            continue
+        stored = array.dtype.newbyteorder("=")
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            problems.append(f"{name}: dtype {array.dtype} is not numeric; weights are integers or floats")
+        elif path.suffix == ".safetensors" and stored not in _NUMPY_TO_SAFETENSORS:
+            problems.append(f"{name}: safetensors cannot store dtype {array.dtype}; cast it (e.g. to float32)")
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            problems.append(f"{name}: contains NaN or inf")
+        else:
+            arrays[name] = np.asarray(array, order="C")  # ascontiguousarray would make a scalar shape (1,)
+    if problems:
+        raise WeightsError(f"nothing was written to {path}; these tensors would not load:\n  " + "\n  ".join(problems))
+    return arrays
+
+
+def _safetensors_header(path: Path, arrays: Mapping[str, np.ndarray]) -> bytes:
+    header, offset = {}, 0
+    for name, array in arrays.items():
+        header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[array.dtype.newbyteorder("=")], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header["__metadata__"] = {"format": "np", "writer": "portres"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    if len(text) > _MAX_HEADER:
+        raise WeightsError(f"nothing was written to {path}: its safetensors header would be {len(text)} bytes, over "
+                           f"the format's limit of {_MAX_HEADER}; save fewer tensors per file or use .npz")
+    return text
+
+
+def _write_safetensors(file: BinaryIO, header: bytes, arrays: Mapping[str, np.ndarray]) -> None:
+    file.write(struct.pack("<Q", len(header)))
+    file.write(header)
+    for array in arrays.values():
+        file.write(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8).data)
+
+
+def _write_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    # What np.savez does, without its keyword arguments: a tensor named "file" or "allow_pickle" is data here.
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+# -- reading files: the directory first, then only the data needed ------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a weights file, described from the file's directory alone."""
+
+    shape: tuple[int, ...]  # as the file declares it
+    dtype: np.dtype  # of the array read() returns (bfloat16 is widened to float32)
+    read: Callable[[], np.ndarray]  # reads (and for .npz decompresses) this tensor's data only
 
 
 def read_weights_file(path) -> dict[str, np.ndarray]:
-    """Every tensor in a ``.safetensors`` or ``.npz`` file, unchecked against any spec."""
+    """Every tensor in a ``.safetensors`` or ``.npz`` file, unchecked against any spec.
+
+    The file's directory (every name, dtype, shape and size) is validated before any tensor
+    data is read; a corrupt or unreadable file raises :class:`WeightsError` naming it.
+
+        >>> read_weights_file("/tmp/r18.safetensors")["fc.bias"].shape
+        (1000,)
+    """
+    with _open_weights_file(path) as entries:
+        return {name: entry.read() for name, entry in entries.items()}
+
+
+@contextlib.contextmanager
+def _open_weights_file(path) -> Iterator[dict[str, _Entry]]:
+    """The validated directory of a weights file; its entries can be read while the context is open."""
     path = Path(path)
-    if path.suffix not in (".safetensors", ".npz"):
+    if path.suffix not in _FORMATS:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .npz")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    if path.suffix == ".npz":
-        return _read_npz(path)
-    return _read_safetensors(path, path.read_bytes())
+    if os.path.isdir(path):  # os.path, not Path: it answers False instead of raising where access is denied
+        raise WeightsError(f"{path} is a directory, not a weights file; give the path of a {path.suffix} file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise WeightsError(f"{path} is not a regular file; give the path of a {path.suffix} file")
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except PermissionError:
+        raise WeightsError(f"{path}: permission denied; make it readable (chmod u+r {shlex.quote(str(path))}) "
+                           "and its directories searchable") from None
+    except OSError as error:
+        raise WeightsError(f"{path}: cannot open ({error.strerror})") from None
+    with file:
+        if path.suffix == ".safetensors":
+            yield _safetensors_entries(path, file)
+            return
+        if file.read(6) == b"\x93NUMPY":  # np.save output renamed to .npz
+            raise WeightsError(f"{path}: holds a single array, not a .npz archive of named tensors")
+        file.seek(0)
+        try:
+            archive = zipfile.ZipFile(file)
+        except _ZIP_ERRORS as error:
+            raise WeightsError(f"{path}: not a valid .npz file ({type(error).__name__}: {error})") from None
+        with archive:
+            yield _npz_entries(path, archive)
 
 
-def _read_safetensors(path: Path, data: bytes) -> dict[str, np.ndarray]:
+def _read_array(file, shape: tuple[int, ...], dtype: np.dtype, fortran_order: bool = False) -> np.ndarray:
+    """The next ``prod(shape)`` items of ``file``, read straight into a new array in bounded chunks."""
+    array = np.empty(math.prod(shape), dtype)
+    if array.nbytes:
+        buffer, filled = memoryview(array.view(np.uint8)), 0
+        while filled < len(buffer):
+            count = file.readinto(buffer[filled:filled + _CHUNK])
+            if not count:
+                raise EOFError(f"the data ends {len(buffer) - filled} bytes early")
+            filled += count
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError)
+
+
+def _npz_entries(path: Path, archive: zipfile.ZipFile) -> dict[str, _Entry]:
+    # Everything here comes from the zip directory and each member's .npy header (its first
+    # bytes): a member that claims gigabytes is judged before a byte of it is decompressed.
+    def bad(why: str) -> WeightsError:
+        return WeightsError(f"{path}: not a valid .npz file ({why})")
+
+    entries: dict[str, _Entry] = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            raise bad(f"member {info.filename!r} is not a .npy array")
+        name = info.filename[:-len(".npy")]
+        if not name:
+            raise bad("a member has an empty name")
+        if name in entries:
+            raise bad(f"two members are named {info.filename!r}")
+        try:
+            shape, fortran_order, dtype, data_offset = _npy_header(archive, info)
+        except _ZIP_ERRORS as error:
+            raise bad(f"member {info.filename!r}: {type(error).__name__}: {error}") from None
+        if dtype.hasobject:
+            raise bad(f"member {info.filename!r} holds Python objects, which are never unpickled")
+        size = math.prod(shape) * dtype.itemsize
+        if info.file_size != data_offset + size:
+            raise bad(f"member {info.filename!r} declares shape {list(shape)} of {dtype} ({size} bytes) but stores "
+                      f"{info.file_size - data_offset} bytes: corrupt")
+        read = functools.partial(_read_npz_member, path, archive, info, data_offset, shape, dtype, fortran_order)
+        entries[name] = _Entry(tuple(shape), dtype, read)
+    return entries
+
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
+        return shape, fortran_order, dtype, member.tell()
+
+
+def _read_npz_member(path, archive, info, data_offset, shape, dtype, fortran_order) -> np.ndarray:
+    try:
+        with archive.open(info) as member:
+            member.read(data_offset)
+            return _read_array(member, shape, dtype, fortran_order)
+    except _ZIP_ERRORS as error:
+        raise WeightsError(f"{path}: member {info.filename!r} is corrupt ({type(error).__name__}: {error})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys; in a header that would silently pick one of two tensors.
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safetensors_entries(path: Path, file: BinaryIO) -> dict[str, _Entry]:
+    # The rules of the reference library: a JSON header of at most 100 MB, then a body that the
+    # tensors' byte ranges, sorted, cover exactly (no overlap, no hole, nothing after the last).
     def bad(why: str) -> WeightsError:
         return WeightsError(f"{path}: not a valid safetensors file ({why})")
 
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > min(_MAX_HEADER, len(data) - 8):
-        raise bad(f"header length {size} exceeds the file's {len(data) - 8} remaining bytes: truncated or corrupt")
+    size = os.fstat(file.fileno()).st_size
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    (header_length,) = struct.unpack("<Q", file.read(8))
+    if header_length > size - 8:
+        raise bad(f"header length {header_length} exceeds the file's {size - 8} remaining bytes: truncated or corrupt")
+    if header_length > _MAX_HEADER:
+        raise bad(f"header length {header_length} exceeds the format's limit of {_MAX_HEADER} bytes")
+    raw = file.read(header_length)
+    if len(raw) != header_length:
+        raise bad(f"header ends after {len(raw)} of {header_length} bytes: truncated")
     try:
-        header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as error:
+        raise bad(f"header is not UTF-8 text: {error}") from None
+    except _DuplicateKey as error:
+        raise bad(f"header has the key {error.args[0]!r} more than once") from None
+    except json.JSONDecodeError as error:
         raise bad(f"header is not JSON: {error}") from None
+    except RecursionError:
+        raise bad("header is not a safetensors header: its JSON is nested thousands of levels deep") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + size:]
-    tensors = {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not a map of strings to strings")
+    body_start, body_length = 8 + header_length, size - 8 - header_length
+    entries, spans = {}, []
     for name, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"entry {name!r} lacks dtype/shape/data_offsets") from None
-        integers = (*shape, begin, end)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in integers):
+        if not name:
+            raise bad("a tensor has an empty name")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise bad(f"entry {name!r} lacks dtype/shape/data_offsets")
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_count(v) for v in (*shape, *offsets))):
             raise bad(f"entry {name!r} has a shape or offsets that are not non-negative integers")
         if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
             raise bad(f"entry {name!r} has unsupported dtype {dtype_name!r}")
+        begin, end = offsets
         itemsize = 2 if dtype_name == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype_name]).itemsize
-        if not (0 <= begin <= end <= len(body)):
-            raise bad(f"entry {name!r} points at bytes {begin}..{end} of a {len(body)}-byte body: truncated")
         if end - begin != math.prod(shape) * itemsize:
-            raise bad(f"entry {name!r} has {end - begin} bytes for shape {list(shape)} of {dtype_name}")
+            raise bad(f"entry {name!r} has {end - begin} bytes for shape {shape} of {dtype_name}")
+        spans.append((begin, end, name))
+        dtype = np.dtype(np.float32) if dtype_name == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+        read = functools.partial(_read_safetensors_tensor, path, file, body_start + begin, tuple(shape), dtype_name)
+        entries[name] = _Entry(tuple(shape), dtype, read)
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise bad(f"entry {name!r} (bytes {begin}..{end}) overlaps the tensor before it, which ends at {covered}")
+        if begin > covered:
+            raise bad(f"bytes {covered}..{begin} before entry {name!r} belong to no tensor")
+        covered = end
+    if covered > body_length:
+        raise bad(f"the tensors need {covered} bytes but the body holds {body_length}: truncated")
+    if covered < body_length:
+        raise bad(f"the last {body_length - covered} bytes of the body belong to no tensor")
+    return entries
+
+
+def _read_safetensors_tensor(path: Path, file: BinaryIO, start: int, shape: tuple[int, ...], dtype_name: str):
+    try:
+        file.seek(start)
         if dtype_name == "BF16":  # bfloat16 is the top half of a float32
-            raw = np.frombuffer(body[begin:end], dtype="<u2").astype(np.uint32) << 16
-            tensors[name] = raw.view(np.float32).reshape(shape)
-        else:
-            dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder("<")
-            tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
-    return tensors
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-        raise WeightsError(f"{path}: not a valid .npz file ({type(error).__name__}: {error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.save output renamed to .npz
-        raise WeightsError(f"{path}: holds a single array, not a .npz archive of named tensors")
-    try:
-        with archive:
-            return {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
-        raise WeightsError(f"{path}: not a valid .npz file ({type(error).__name__}: {error})") from None
+            raw = _read_array(file, shape, np.dtype("<u2"))
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return _read_array(file, shape, np.dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder("<"))
+    except (OSError, EOFError) as error:
+        raise WeightsError(f"{path}: cannot read its tensors ({type(error).__name__}: {error})") from None
 
 
 # -- strict loading -------------------------------------------------------------------------
@@ -193,22 +513,85 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
-def load_weights(source, spec: ResNetSpec | Plan) -> dict[str, np.ndarray]:
-    """Check ``source`` (a path or a mapping) against ``spec``; return float32 copies.
+def _float_dtype(dtype) -> np.dtype:
+    try:
+        target = np.dtype(dtype)
+    except TypeError:
+        target = None
+    if target is None or target.kind != "f":
+        raise WeightsError(f"dtype {dtype!r} is not a floating-point type; use 'float32', 'float16' or 'float64'")
+    return target
 
-    Strict: every missing, unexpected, misshapen, non-numeric or non-finite entry is
-    reported in one :class:`WeightsError`. A torchvision ``state_dict`` loads as is
-    (its ``num_batches_tracked`` counters are ignored). Nothing is returned half-loaded.
+
+def _is_counter(name: str) -> bool:
+    return name.endswith("num_batches_tracked")  # torchvision's BN step counters: not parameters
+
+
+def _cast(name: str, array: np.ndarray, target: np.dtype) -> tuple[np.ndarray | None, str | None]:
+    """``array`` as a C-ordered copy in ``target``, or why not; finiteness is checked after the cast."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, not warned about
+        value = np.array(array, dtype=target, order="C")
+    if np.isfinite(value).all():
+        return value, None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return None, f"{name}: contains NaN or inf"
+    largest = float(np.abs(array.astype(np.float64)).max())
+    return None, (f"{name}: largest magnitude {largest:.6g} overflows {target} (largest finite "
+                  f"{float(np.finfo(target).max):.6g}); rescale it or load with a wider dtype, e.g. dtype='float64'")
+
+
+def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[str, np.ndarray]:
+    """Check ``source`` (a path or a mapping) against ``spec``; return copies in ``dtype``.
+
+    Strict: every missing, unexpected, misshapen, non-numeric or non-finite entry, and every
+    value too large for ``dtype`` (checked after the cast), is reported in one
+    :class:`WeightsError`. A torchvision ``state_dict`` loads as is (its
+    ``num_batches_tracked`` counters are ignored). From a file, names, shapes and dtypes are
+    checked from its directory first, so a file that does not fit is rejected without its
+    data being read. Nothing is returned half-loaded.
+
+        >>> params = load_weights("/tmp/r18.safetensors", portres.get("resnet18"), dtype="float32")
+        >>> params["fc.weight"].dtype
+        dtype('float32')
     """
     plan = as_plan(spec)
-    origin = f"{source}" if isinstance(source, (str, os.PathLike)) else "the given mapping"
+    target = _float_dtype(dtype)
+    expected = {name: shape for name, (shape, _) in plan.param_shapes().items()}
     if isinstance(source, (str, os.PathLike)):
-        source = read_weights_file(source)
-    if not isinstance(source, Mapping):
+        origin = str(source)
+        with _open_weights_file(source) as entries:
+            given = {name: entry for name, entry in entries.items() if not _is_counter(name)}
+            described = {name: (entry.shape, entry.dtype) for name, entry in given.items()}
+            problems, fitting = _fit(expected, given, described)
+            if problems:
+                raise _misfit(origin, plan, problems)
+            arrays = {name: given[name].read() for name in fitting}
+    elif isinstance(source, Mapping):
+        origin = "the given mapping"
+        given = {str(k): v for k, v in source.items() if not _is_counter(str(k))}
+        arrays, unconvertible = {}, []
+        for name in [name for name in expected if name in given]:
+            try:
+                arrays[name] = _to_numpy(given[name])
+            except Exception as error:  # noqa: BLE001 - any unconvertible object is a user error here
+                unconvertible.append(f"{name}: cannot convert {type(given[name]).__name__} to an array ({error})")
+        problems, fitting = _fit(expected, given, {name: (array.shape, array.dtype) for name, array in arrays.items()})
+        problems += unconvertible
+    else:
         raise WeightsError(f"weights must be a file path or a mapping of name -> array, got {type(source).__name__}")
-    given = {str(k): v for k, v in source.items() if not str(k).endswith("num_batches_tracked")}
-    expected = plan.param_shapes()
-    problems, result = [], {}
+    result = {}
+    for name in fitting:
+        result[name], problem = _cast(name, arrays[name], target)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise _misfit(origin, plan, problems)
+    return result
+
+
+def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], list[str]]:
+    """Problems found from names, shapes and dtypes alone, and the names (in plan order) that fit."""
+    problems, fitting = [], []
     missing = [name for name in expected if name not in given]
     unexpected = [name for name in given if name not in expected]
     if missing:
@@ -218,22 +601,18 @@ def load_weights(source, spec: ResNetSpec | Plan) -> dict[str, np.ndarray]:
         if all(name.startswith("module.") for name in unexpected):
             hint = " (every unexpected key starts with 'module.': strip the DataParallel prefix)"
         problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}{hint}")
-    for name, (shape, _) in expected.items():
-        if name not in given:
+    for name, shape in expected.items():
+        if name not in described:
             continue
-        try:
-            array = _to_numpy(given[name])
-        except Exception as error:  # noqa: BLE001 - any unconvertible object is a user error here
-            problems.append(f"{name}: cannot convert {type(given[name]).__name__} to an array ({error})")
-            continue
-        if array.dtype.kind not in "fiu":
-            problems.append(f"{name}: dtype {array.dtype} is not numeric")
-        elif array.shape != shape:
-            problems.append(f"{name}: shape {list(array.shape)}, expected {list(shape)}")
-        elif not np.all(np.isfinite(array)):
-            problems.append(f"{name}: contains NaN or inf")
+        actual_shape, actual_dtype = described[name]
+        if actual_dtype.kind not in _NUMERIC_KINDS:
+            problems.append(f"{name}: dtype {actual_dtype} is not numeric")
+        elif tuple(actual_shape) != tuple(shape):
+            problems.append(f"{name}: shape {list(actual_shape)}, expected {list(shape)}")
         else:
-            result[name] = np.array(array, dtype=np.float32)
-    if problems:
-        raise WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  " + "\n  ".join(problems))
-    return result
+            fitting.append(name)
+    return problems, fitting
+
+
+def _misfit(origin: str, plan: Plan, problems: list[str]) -> WeightsError:
+    return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  " + "\n  ".join(problems))
