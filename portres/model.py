@@ -17,7 +17,7 @@ import numpy as np
 from .analysis import check_input_size
 from .plan import INPUT, Op, Plan, apply_op, fold_batch_norm, make_plan, run_plan
 from .spec import ResNetSpec
-from .weights import init_params, load_weights
+from .weights import WeightsError, init_params, load_weights
 from .zoo import resolve as resolve_spec
 
 
@@ -121,7 +121,21 @@ def build(spec, backend: str = "numpy", params=None, *, device: str | None = Non
     fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv
     if fold:
         plan, params = fold_batch_norm(plan, params)
+    _check_range(params, lowering.dtype)
     return Model(spec, lowering, plan, params)
+
+
+def _check_range(params: dict[str, np.ndarray], dtype: str) -> None:
+    """Weights (after any folding) must be finite in the dtype the backend computes in: a float16
+    model would otherwise turn a large weight into inf without a word."""
+    if dtype != "float16":  # float32 is checked by load_weights; bfloat16 and float64 have its range or more
+        return
+    limit = float(np.finfo(np.float16).max)
+    over = [f"{name} (largest magnitude {float(np.max(np.abs(value))):.4g})" for name, value in params.items()
+            if value.size and np.max(np.abs(value)) > limit]
+    if over:
+        raise WeightsError(f"weights too large for float16 (largest finite {limit:g}): {', '.join(over)}; "
+                           "use float32 or bfloat16")
 
 
 __all__ = ["Model", "build", "INPUT"]

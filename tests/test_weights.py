@@ -680,3 +680,18 @@ def test_zero_sized_tensors_and_every_reference_dtype_read(tmp_path):
     loaded = read_weights_file(tmp_path / "theirs.safetensors")
     assert sorted(loaded) == sorted(arrays)
     assert all(loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v) for k, v in arrays.items())
+
+
+@pytest.mark.parametrize("backend", [b for b in ("mlx", "tinygrad", "torch") if b in portres.backends.available()])
+def test_a_float16_model_refuses_weights_float16_cannot_hold(backend):
+    spec = portres.get("resnet20")
+    params = init_params(spec)
+    params["fc.weight"] = np.full_like(params["fc.weight"], 7e4)  # fine in float32, inf in float16
+    try:
+        with pytest.raises(WeightsError, match=r"too large for float16.*fc\.weight"):
+            portres.build(spec, backend, params, dtype="float16")
+    except ValueError as error:  # a device that cannot compute in float16 says so first
+        if "cannot compute in" not in str(error):
+            raise
+        pytest.skip(str(error))
+    portres.build(spec, backend, params, dtype="float32")  # float32 holds it
