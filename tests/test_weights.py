@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import portres
+from portres.backends import available as available_backends
 from portres.weights import WeightsError, init_params, load_weights, read_weights_file, save_weights
 
 
@@ -682,7 +683,7 @@ def test_zero_sized_tensors_and_every_reference_dtype_read(tmp_path):
     assert all(loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v) for k, v in arrays.items())
 
 
-@pytest.mark.parametrize("backend", [b for b in ("mlx", "tinygrad", "torch") if b in portres.backends.available()])
+@pytest.mark.parametrize("backend", [b for b in ("mlx", "tinygrad", "torch") if b in available_backends()])
 def test_a_float16_model_refuses_weights_float16_cannot_hold(backend):
     spec = portres.get("resnet20")
     params = init_params(spec)
