@@ -297,6 +297,30 @@ class Backend:
     def channel_affine(self, x, scale, shift):
         return x * scale + shift
 
+    # -- training --
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        mean = mx.mean(x, axis=(0, 1, 2))
+        centered = x - mean
+        var = mx.mean(centered * centered, axis=(0, 1, 2))
+        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+
+    def cross_entropy(self, logits, targets):
+        log_probabilities = logits - mx.logsumexp(logits, axis=1, keepdims=True)
+        return -(targets * log_probabilities).sum(axis=1).mean()
+
+    def value_and_grad(self, loss_fn):
+        """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by ``mx.value_and_grad``.
+        The whole batch runs on one stream: splitting it would change the batch statistics."""
+        differentiate = mx.value_and_grad(loss_fn)
+
+        def run(trainable: dict):
+            (loss, aux), grads = differentiate(trainable)
+            return loss, aux, grads
+
+        return run
+
     def relu(self, x):
         return mx.maximum(x, 0)
 

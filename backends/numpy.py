@@ -11,6 +11,8 @@ import platform
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .numpy_backward import Backward
+
 NAME = "numpy"
 FOLD_BATCH_NORM = False  # the reference computes every op as the plan spells it
 DTYPES = ("float64", "float32")
@@ -31,7 +33,7 @@ def info() -> dict:
             "machine": platform.machine()}
 
 
-class Backend:
+class Backend(Backward):
     name = NAME
 
     def __init__(self, device: str | None = None, dtype: str | None = None):
@@ -86,6 +88,21 @@ class Backend:
         if bias is not None:
             out = out + bias[:, None, None]
         return np.ascontiguousarray(out)
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        """Normalise with the batch's statistics; returns (y, batch mean, unbiased batch variance)."""
+        axes = (0, 2, 3)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean, var = x.mean(axes), x.var(axes)
+        scale = weight / np.sqrt(var + eps)
+        y = (x - mean[:, None, None]) * scale[:, None, None] + bias[:, None, None]
+        return y, mean, var * (count / (count - 1))
+
+    def cross_entropy(self, logits, targets):
+        """Mean cross-entropy of ``logits`` against soft ``targets`` (rows summing to 1)."""
+        shifted = logits - logits.max(1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        return -(targets * log_probabilities).sum(1).mean()
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
         per_channel = lambda v: v[:, None, None]  # noqa: E731

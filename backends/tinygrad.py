@@ -156,6 +156,29 @@ class Backend:
     def channel_affine(self, x, scale, shift):
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
+    # -- training --
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = x.mean(axis=(0, 2, 3))
+        centered = x - mean.reshape(1, -1, 1, 1)
+        var = (centered * centered).mean(axis=(0, 2, 3))
+        scale = weight * (var + eps).rsqrt()
+        return centered * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1), mean, var * (count / (count - 1))
+
+    def cross_entropy(self, logits, targets):
+        return -(targets * logits.log_softmax(axis=1)).sum(axis=1).mean()
+
+    def value_and_grad(self, loss_fn):
+        """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by tinygrad's autograd.
+        (No graph may be realised inside ``loss_fn``: a realised tensor is a leaf to tinygrad.)"""
+        def run(trainable: dict):
+            loss, aux = loss_fn(trainable)
+            grads = loss.gradient(*trainable.values())
+            return loss, aux, dict(zip(trainable, grads))
+
+        return run
+
     def relu(self, x):
         # Tensor.relu is (x > 0).where(x, 0), which maps NaN to 0: a NaN input would give finite logits.
         # NaN stays NaN here, and the gradient at 0 stays 0 (PyTorch's convention).

@@ -97,6 +97,28 @@ class Backend:
     def channel_affine(self, x, scale, shift):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
+    # -- training --
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+        return y, mean, var * (count / (count - 1))
+
+    def cross_entropy(self, logits, targets):
+        return F.cross_entropy(logits, targets)  # soft targets: -(targets * log_softmax).sum(1).mean()
+
+    def value_and_grad(self, loss_fn):
+        """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by torch autograd."""
+        def run(trainable: dict):
+            leaves = {name: value.detach().requires_grad_(True) for name, value in trainable.items()}
+            with torch.enable_grad():
+                loss, aux = loss_fn(leaves)
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+            return loss.detach(), {name: value.detach() for name, value in aux.items()}, dict(zip(leaves, grads))
+
+        return run
+
     def relu(self, x):
         return F.relu(x)
 

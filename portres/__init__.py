@@ -17,6 +17,7 @@ from .analysis import Summary, summary
 from .model import Model, build
 from .plan import Plan, fold_batch_norm, make_plan
 from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
+from .training.grads import loss_and_grads
 from .weights import WeightsError, init_params, load_weights, save_weights
 from .zoo import get, resnet
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Model", "Plan", "ResNetSpec", "SpecError", "StageSpec", "StemSpec", "Summary", "WeightsError",
-    "build", "fold_batch_norm", "get", "init_params", "load_weights", "make_plan", "resnet", "save_weights",
+    "build", "fold_batch_norm", "get", "init_params", "load_weights", "loss_and_grads", "make_plan", "resnet",
+    "save_weights",
     "summary", "zoo",
 ]

@@ -52,19 +52,7 @@ class Model:
 
     def check_input(self, x) -> np.ndarray:
         """``x`` as an array after checking rank, channels, size and dtype (``ValueError`` if wrong)."""
-        x = np.asarray(x)
-        channels = self.spec.in_channels
-        if x.dtype.kind not in "fiu":
-            raise ValueError(f"input dtype {x.dtype} is not numeric: pass a float array (N, {channels}, H, W)")
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D NCHW array (batch, {channels}, height, width), got shape {x.shape}")
-        if x.shape[1] != channels:
-            hint = " (NHWC? use x.transpose(0, 3, 1, 2))" if x.shape[3] == channels else ""
-            raise ValueError(f"expected {channels} input channels at axis 1 (NCHW), got shape {x.shape}{hint}")
-        if x.shape[0] < 1:
-            raise ValueError(f"expected a batch of at least 1 image, got shape {x.shape}")
-        check_input_size(self.plan, x.shape[2:])
-        return x
+        return check_images(self.plan, x)
 
     def __call__(self, x) -> np.ndarray:
         """Logits ``(N, num_classes)`` for the NCHW batch ``x``."""
@@ -98,6 +86,24 @@ class Model:
         with self._lock:
             args = [self.backend.from_numpy(np.asarray(a)) for a in inputs]
             return self.backend.to_numpy(apply_op(self.backend, op, args, self.params))
+
+
+def check_images(plan: Plan, x, min_batch: int = 1) -> np.ndarray:
+    """``x`` as an array after checking it is a numeric NCHW batch ``plan`` can take (``ValueError`` if not)."""
+    x = np.asarray(x)
+    channels = plan.spec.in_channels
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"input dtype {x.dtype} is not numeric: pass a float array (N, {channels}, H, W)")
+    if x.ndim != 4:
+        raise ValueError(f"expected a 4-D NCHW array (batch, {channels}, height, width), got shape {x.shape}")
+    if x.shape[1] != channels:
+        hint = " (NHWC? use x.transpose(0, 3, 1, 2))" if x.shape[3] == channels else ""
+        raise ValueError(f"expected {channels} input channels at axis 1 (NCHW), got shape {x.shape}{hint}")
+    if x.shape[0] < min_batch:
+        raise ValueError(f"expected a batch of at least {min_batch} image{'s' if min_batch > 1 else ''}, "
+                         f"got shape {x.shape}")
+    check_input_size(plan, x.shape[2:])
+    return x
 
 
 def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,

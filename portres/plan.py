@@ -530,15 +530,50 @@ def apply_op(primitives, op: Op, args: list, params: dict):
 
 
 def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = (), before_op=None) -> dict:
-    """Execute ``plan`` on ``x``; returns ``{value name: array}`` for the output and ``keep``.
+    """Execute ``plan`` on ``x`` (batch norm in eval mode); returns ``{value name: array}`` for the
+    output and ``keep``.
 
     Values are dropped after their last reader, so peak memory stays that of one block.
     ``before_op(op, args)``, if given, runs before each op (and may update ``params``).
     A backend with an ``end_block(value)`` method gets each block's output through it
     (lazy frameworks cut their graph there).
     """
+    apply = lambda op, args: apply_op(primitives, op, args, params)  # noqa: E731
+    return _walk(plan, apply, x, keep, before_op, getattr(primitives, "end_block", None))
+
+
+def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float = 0.1,
+                   keep: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Execute ``plan`` with batch norm in training mode; returns ``(values, running_stats)``.
+
+    Each BN normalises with its batch's mean and biased variance (the backend's
+    ``batch_norm_train`` primitive returns them with the unbiased variance), and its running
+    statistics are updated with PyTorch's rule, written here once for every backend:
+    ``running = (1 - momentum) * running + momentum * batch`` (unbiased variance). BN state
+    is passed in ``params`` and returned, never kept anywhere else. Plans are never folded in
+    training, and graphs are not cut at block ends (that would cut tinygrad's gradients).
+
+        >>> values, stats = run_plan_train(plan, backend, params, images)
+        >>> sorted(stats)[:2]
+        ['bn1.running_mean', 'bn1.running_var']
+    """
+    running_stats: dict = {}
+
+    def apply(op: Op, args: list):
+        if op.kind != "batch_norm":
+            return apply_op(primitives, op, args, params)
+        name = op.name
+        y, mean, var = primitives.batch_norm_train(args[0], params[f"{name}.weight"], params[f"{name}.bias"],
+                                                   op.layer.eps)
+        for suffix, batch in (("running_mean", mean), ("running_var", var)):
+            running_stats[f"{name}.{suffix}"] = params[f"{name}.{suffix}"] * (1 - momentum) + batch * momentum
+        return y
+
+    return _walk(plan, apply, x, keep, None, None), running_stats
+
+
+def _walk(plan: Plan, apply, x, keep, before_op, end_block) -> dict:
     wanted = set(keep) | {plan.output}
-    end_block = getattr(primitives, "end_block", None)
     block_outputs = plan.block_outputs if end_block is not None else frozenset()
     last_use = plan.last_uses()
     values = {INPUT: x}
@@ -547,7 +582,7 @@ def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()
         args = [values[name] for name in op.inputs]
         if before_op is not None:
             before_op(op, args)
-        result = apply_op(primitives, op, args, params)
+        result = apply(op, args)
         if op.output in block_outputs:
             result = end_block(result)
         values[op.output] = result

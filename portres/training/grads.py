@@ -1,0 +1,118 @@
+"""The functional core of training: loss and gradients of one batch on any backend.
+
+    >>> loss, grads, running_stats = portres.loss_and_grads("resnet20", "mlx", params, images, labels)
+    >>> grads["conv1.weight"].shape, running_stats["bn1.running_var"].shape
+    ((16, 3, 3, 3), (16,))
+
+Frameworks differentiate with their own autodiff (tinygrad's ``Tensor.gradient``,
+``mx.value_and_grad``, torch autograd); the NumPy reference chains hand-written backward
+primitives over the plan (:mod:`portres.training.backprop`). Either way the forward pass is
+the one walker with batch norm in training mode (:func:`portres.plan.run_plan_train`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..model import check_images
+from ..plan import INPUT, Plan, make_plan, run_plan_train
+from ..weights import load_weights
+from .backprop import backward
+
+
+def check_labels(labels, count: int, num_classes: int) -> np.ndarray:
+    """``labels`` as int64 after checking there is one integer class in ``[0, num_classes)`` per image."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.shape != (count,):
+        raise ValueError(f"expected one label per image ({count}), got labels of shape {labels.shape}")
+    outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if outside.size:
+        raise ValueError(f"labels must lie in [0, {num_classes}): label {labels[outside[0]]} at index {outside[0]} "
+                         f"does not; the network has {num_classes} classes (num_classes in the spec)")
+    return labels.astype(np.int64)
+
+
+def soft_targets(labels: np.ndarray, num_classes: int, label_smoothing: float, dtype) -> np.ndarray:
+    """One-hot rows mixed with the uniform distribution: ``(1 - s) * onehot + s / K`` (PyTorch's rule)."""
+    targets = np.full((labels.size, num_classes), label_smoothing / num_classes, dtype=np.float64)
+    targets[np.arange(labels.size), labels] += 1.0 - label_smoothing
+    return targets.astype(dtype)
+
+
+def check_hyperparameters(label_smoothing: float, bn_momentum: float) -> None:
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1)")
+    if not (isinstance(bn_momentum, (int, float)) and 0.0 <= bn_momentum <= 1.0):
+        raise ValueError(f"bn_momentum={bn_momentum!r} must be a number in [0, 1] (PyTorch's default: 0.1)")
+
+
+def training_backend(backend: str, device: str | None = None, dtype: str | None = None):
+    """The backend object a training computation runs on (float32; float64 for the NumPy reference)."""
+    from .. import backends
+
+    lowering = backends.load(backend, device).Backend(device=device, dtype=dtype)
+    allowed = ("float64", "float32") if backend == "numpy" else ("float32",)
+    if lowering.dtype not in allowed:
+        raise ValueError(f"training on {backend} runs in {' or '.join(allowed)}, not {lowering.dtype}")
+    return lowering
+
+
+def trainable_names(plan: Plan) -> list[str]:
+    return [name for name, (_, trainable) in plan.param_shapes().items() if trainable]
+
+
+def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | None = None,
+                   dtype: str | None = None, label_smoothing: float = 0.0,
+                   bn_momentum: float = 0.1) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean softmax cross-entropy of the train-mode logits of one batch, its gradients and the
+    updated BN running statistics: ``(loss, grads, running_stats)``, all NumPy.
+
+    ``spec``: a ResNetSpec or preset name; ``params``: a mapping or weights file (strictly
+    checked, as ``load_weights``); ``images``: NCHW, at least 2 (train-mode BN needs a batch);
+    ``labels``: one class index per image. ``grads`` has one entry per trainable parameter in
+    plan order (float64 on the NumPy reference, float32 elsewhere); ``running_stats`` one per
+    BN buffer. Nothing is mutated.
+
+        >>> loss, grads, stats = portres.loss_and_grads("resnet20", "numpy", portres.init_params("resnet20"),
+        ...                                             np.random.rand(4, 3, 32, 32), [0, 1, 2, 3])
+    """
+    plan = make_plan(spec)
+    check_hyperparameters(label_smoothing, bn_momentum)
+    params = load_weights(params, plan)
+    images = check_images(plan, images, min_batch=2)
+    labels = check_labels(labels, images.shape[0], plan.spec.num_classes)
+    lowering = training_backend(backend, device, dtype)
+    targets = soft_targets(labels, plan.spec.num_classes, label_smoothing, np.float32)
+    if not hasattr(lowering, "value_and_grad"):
+        return _reference_loss_and_grads(plan, lowering, params, images, targets, bn_momentum)
+
+    arrays = lowering.load_params(plan, params)
+    trainable = {name: arrays[name] for name in trainable_names(plan)}
+    buffers = {name: value for name, value in arrays.items() if name not in trainable}
+    x, y = lowering.from_numpy(images), lowering.from_numpy(targets)
+
+    def loss_fn(trainable_params):
+        values, running_stats = run_plan_train(plan, lowering, {**trainable_params, **buffers}, x,
+                                               momentum=bn_momentum)
+        return lowering.cross_entropy(values[plan.output], y), running_stats
+
+    loss, running_stats, grads = lowering.value_and_grad(loss_fn)(trainable)
+    return (float(lowering.to_numpy(loss)), {name: lowering.to_numpy(grads[name]) for name in trainable},
+            {name: lowering.to_numpy(value) for name, value in running_stats.items()})
+
+
+def _reference_loss_and_grads(plan: Plan, reference, params: dict, images, targets, bn_momentum: float):
+    arrays = reference.load_params(plan, params)
+    x, y = reference.from_numpy(images), reference.from_numpy(targets)
+    every_value = tuple(op.output for op in plan.ops) + (INPUT,)
+    values, running_stats = run_plan_train(plan, reference, arrays, x, momentum=bn_momentum, keep=every_value)
+    logits = values[plan.output]
+    loss = reference.cross_entropy(logits, y)
+    grads = backward(plan, reference, arrays, values, reference.cross_entropy_backward(logits, y))
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss}: inputs or weights hold NaN/inf or overflow")
+    return float(loss), grads, running_stats
