@@ -326,7 +326,8 @@ report(ok=True, config=config, corename=corename, prefix=prefix)
 def _run_child(mode: str, path: str, shim: str | None, timeout: float) -> Report:
     command = [sys.executable, "-c", _CHILD, mode, path, shim or ""]
     try:  # cwd: a neutral directory, so no stray numpy.py shadows NumPy in the child
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return Report(False, f"the {mode} probe timed out after {timeout:.0f} s", cacheable=False)
     except OSError as error:
@@ -408,6 +409,14 @@ def build_shim(prefix: str, cache_dir: str) -> str:
         raise ShimUnavailable(f"it exports {prefix}-prefixed names, and the forwarding shim MLX needs is built with "
                               "a C compiler, of which none is on PATH (install clang or set CC)")
     try:
+        return _compile_shim(compiler, source, cache_dir, name)
+    except OSError as error:  # a full disk, a vanished directory: no shim, no crash
+        raise ShimUnavailable(f"building the forwarding shim failed: {error}") from None
+
+
+def _compile_shim(compiler: str, source: str, cache_dir: str, name: str) -> str:
+    target = os.path.join(cache_dir, name)
+    try:
         os.makedirs(cache_dir, exist_ok=True)
         work = tempfile.mkdtemp(dir=cache_dir)
     except OSError:  # an unwritable cache: build one for this process only
@@ -418,8 +427,8 @@ def build_shim(prefix: str, cache_dir: str) -> str:
         Path(source_path).write_text(source)
         try:
             done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", output, source_path],
-                                  capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as error:
+                                  capture_output=True, text=True, errors="replace", timeout=120)
+        except subprocess.SubprocessError as error:
             raise ShimUnavailable(f"compiling the forwarding shim with {compiler} failed: {error}") from None
         if done.returncode != 0:
             detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -448,6 +457,13 @@ def _well_formed(entry) -> bool:
             and all(isinstance(entry.get(name) or "", str) for name in texts))
 
 
+def _library_exists(key: str) -> bool:
+    try:
+        return os.path.exists(json.loads(key)[0])
+    except (ValueError, TypeError, IndexError, KeyError):
+        return False
+
+
 class _Cache:
     """Verdicts by key in one JSON file; unreadable or unwritable means "probe again", never an error."""
 
@@ -470,7 +486,7 @@ class _Cache:
     def put(self, key: str, entry: dict) -> None:
         try:
             os.makedirs(self.directory, exist_ok=True)
-            entries = self._read()  # merge with what other processes wrote meanwhile
+            entries = {k: e for k, e in self._read().items() if _library_exists(k)}  # merged; gone libraries dropped
             entries[key] = entry
             handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".blas-probes-", suffix=".json")
             try:

@@ -36,7 +36,11 @@ def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None
     if "mlx.core" in sys.modules:
         return None, None, ("unknown: mlx.core was imported before portres.backends.mlx, so OpenBLAS could not be "
                             "preloaded (import portres.backends.mlx first)")
-    selection = _blas.select()  # judged in subprocesses and cached: nothing unsafe is loaded here
+    try:
+        selection = _blas.select()  # judged in subprocesses and cached: nothing unsafe is loaded here
+    except Exception as error:  # noqa: BLE001 - a bug in choosing must cost speed (with a warning), not the backend
+        failed = _blas.Rejection("(all candidates)", "portres", f"choosing a BLAS failed: {error!r}")
+        selection = _blas.Selection(None, rejected=(failed,))
     try:
         set_threads = _blas.preload(selection)
     except OSError as error:  # vanished or changed since it was probed

@@ -138,7 +138,9 @@ def test_a_changed_library_or_another_cpu_is_probed_again(library, cache):
 
 
 @pytest.mark.parametrize("garbage", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"format": 1, "probes": {"k": 3}}',
-                                     b'{"format": 1, "probes": {"k": {"accepted": true, "prefix": 7}}}'])
+                                     b'{"format": 1, "probes": {"k": {"accepted": true, "prefix": 7}}}',
+                                     b'{"format": 1, "probes": {"[\\"/gone/lib.so\\", 1, 2, \\"cpu\\", \\"\\"]": '
+                                     b'{"accepted": true}}}'])  # a library that no longer exists
 def test_a_corrupt_cache_is_ignored_and_replaced(library, cache, garbage):
     path = library()
     cache.mkdir()
@@ -214,6 +216,17 @@ def test_the_fallback_warns_once_with_the_fix(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _blas.warn_bundled(_blas.Selection("/some/lib.so"))  # a chosen library: silence
+
+
+def test_the_shim_is_compiled_once_and_a_missing_compiler_says_what_to_install(tmp_path, monkeypatch):
+    if COMPILER is None:
+        pytest.skip("no C compiler")
+    shim = _blas.build_shim("scipy_", str(tmp_path))
+    assert os.path.isfile(shim) and os.listdir(tmp_path) == [os.path.basename(shim)]  # no work files left
+    monkeypatch.setattr(_blas, "c_compiler", lambda: None)
+    assert _blas.build_shim("scipy_", str(tmp_path)) == shim  # cached: no compiler needed any more
+    with pytest.raises(_blas.ShimUnavailable, match="install clang"):
+        _blas.build_shim("other_", str(tmp_path))
 
 
 def test_cpuinfo_is_read_on_x86_and_arm():
