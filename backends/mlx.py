@@ -7,7 +7,9 @@ model is built; activations at the model's edges only.
 On Linux the ``mlx[cpu]`` wheel links the reference (netlib) BLAS, ~50x slower than an
 optimized one. Its BLAS symbols resolve through the global scope, so loading OpenBLAS
 with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported makes MLX use it. This module does
-that on import and reports the outcome as ``info()["blas"]``.
+that on import, with the library ``_blas.select`` judged safe for this CPU (a wrong one
+dies with SIGILL), and reports the outcome as ``info()["blas"]``, ``"blas_core"`` and
+``"blas_rejected"``; falling back to the bundled BLAS warns once (``BundledBlasWarning``).
 
 Speed on CPU (measured, see benchmarks/perf_log.md): 1x1 convs run as one GEMM, 3x3
 stride-1 convs on large maps as accumulated GEMMs over shifted views (no im2col copy), and
@@ -17,60 +19,40 @@ elementwise ops on a single thread.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import importlib.metadata
 import os
 import platform
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
-_BLAS_LIBRARY = None  # ctypes handle of the OpenBLAS we loaded (to set its thread count)
+from . import _blas
 
 
-def _load_optimized_blas() -> str:
-    """Load OpenBLAS globally before mlx.core; return a description of the BLAS MLX will use."""
-    global _BLAS_LIBRARY
-    if platform.system() == "Darwin":
-        return "Accelerate (macOS)"
+def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None, str]:
+    """Load the BLAS MLX should use, chosen safely, before mlx.core: (selection, thread setter, description)."""
+    if platform.system() != "Linux":
+        return None, None, "Accelerate (macOS)" if platform.system() == "Darwin" else "the BLAS bundled with mlx"
     if "mlx.core" in sys.modules:
-        return ("unknown: mlx.core was imported before portres.backends.mlx, so OpenBLAS could not be "
-                "preloaded (import portres.backends.mlx first)")
-    candidates = []
-    if os.environ.get("PORTRES_BLAS"):
-        candidates.append(os.environ["PORTRES_BLAS"])
-    try:  # cmeel-openblas, a dependency of portres[mlx] on Linux
-        files = importlib.metadata.files("cmeel-openblas") or []
-        candidates += [str(f.locate()) for f in files if f.name == "libopenblas.so.0"]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    candidates += [p for p in (ctypes.util.find_library("openblas"),) if p]
-    candidates += ["/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
-    failures = []
-    for path in dict.fromkeys(candidates):
-        try:
-            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        except OSError as error:
-            failures.append(f"{path}: {error}")
-            continue
-        try:
-            library.openblas_get_config.restype = ctypes.c_char_p
-            config = library.openblas_get_config().decode()
-            library.openblas_set_num_threads  # noqa: B018 - must exist for per-pass thread control
-            _BLAS_LIBRARY = library
-        except AttributeError:
-            config = "unknown config"
-        return f"OpenBLAS ({config}) from {path}"
-    fix = "pip install 'portres[mlx]'"
-    if any("libgfortran" in failure for failure in failures):
-        fix = "install the Fortran runtime OpenBLAS needs: sudo apt-get install libgfortran5"
-    detail = f" [{'; '.join(failures)}]" if failures else ""
-    return f"reference BLAS bundled with mlx (about 50x slower): {fix}{detail}"
+        return None, None, ("unknown: mlx.core was imported before portres.backends.mlx, so OpenBLAS could not be "
+                            "preloaded (import portres.backends.mlx first)")
+    try:
+        selection = _blas.select()  # judged in subprocesses and cached: nothing unsafe is loaded here
+    except Exception as error:  # noqa: BLE001 - a bug in choosing must cost speed (with a warning), not the backend
+        failed = _blas.Rejection("(all candidates)", "portres", f"choosing a BLAS failed: {error!r}")
+        selection = _blas.Selection(None, rejected=(failed,))
+    try:
+        set_threads = _blas.preload(selection)
+    except OSError as error:  # vanished or changed since it was probed
+        why = _blas.Rejection(selection.path, selection.source, f"cannot be loaded: {error}")
+        selection, set_threads = _blas.Selection(None, rejected=(*selection.rejected, why)), None
+    _blas.warn_bundled(selection)
+    return selection, set_threads, selection.describe()
 
 
-BLAS = _load_optimized_blas()
+# The chosen BLAS (None off Linux), its openblas_set_num_threads (through its symbol prefix) if any, and one line.
+BLAS_SELECTION, _set_threads, BLAS = _choose_blas()
 
 try:
     import mlx.core as mx
@@ -88,7 +70,9 @@ def devices() -> list[str]:
 
 def info() -> dict:
     return {"framework": f"mlx {mx.__version__}", "devices": devices(),
-            "default_device": str(mx.default_device().type).split(".")[-1], "blas": BLAS}
+            "default_device": str(mx.default_device().type).split(".")[-1], "blas": BLAS,
+            "blas_core": BLAS_SELECTION.corename if BLAS_SELECTION else None,
+            "blas_rejected": BLAS_SELECTION.rejected_lines() if BLAS_SELECTION else []}
 
 
 def _cpu_cores() -> int:
@@ -98,8 +82,8 @@ def _cpu_cores() -> int:
 
 
 def _set_blas_threads(threads: int) -> None:
-    if _BLAS_LIBRARY is not None:
-        _BLAS_LIBRARY.openblas_set_num_threads(max(1, threads))
+    if _set_threads is not None:
+        _set_threads(threads)
 
 
 def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.ndarray:

@@ -65,7 +65,7 @@ def show_spec(name):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def backends(as_json):
-    """Installed backends: devices, framework versions, BLAS, and why any cannot run."""
+    """Installed backends: devices, framework versions, the BLAS in use (and any rejected), and why any cannot run."""
     from portres import backends as registry
 
     report = []
@@ -84,6 +84,12 @@ def backends(as_json):
     for r in report:
         if r["available"]:
             click.echo(f"{r['backend']:9s} ok       {r['framework']}; devices: {', '.join(r['devices'])} "
-                       f"(default {r['default_device']})" + (f"; BLAS: {r['blas']}" if r.get("blas") else ""))
+                       f"(default {r['default_device']})")
+            if r.get("blas"):
+                click.echo(f"{'':18s} BLAS: {r['blas']}")
+            if r.get("blas_core"):
+                click.echo(f"{'':18s} BLAS core: {r['blas_core']}")
+            for rejected in r.get("blas_rejected", []):  # every library judged unsafe or wrong here, and why
+                click.echo(f"{'':18s} BLAS rejected: {rejected}")
         else:
             click.echo(f"{r['backend']:9s} missing  {r['reason']}")

@@ -15,7 +15,7 @@ def python(code: str) -> str:
 
 
 def test_import_portres_loads_no_framework():
-    out = python("import sys, portres, portres.cli, portres.parity, portres.backends\n"
+    out = python("import sys, portres, portres.cli, portres.parity, portres.backends, portres.backends._blas\n"
                  "portres.backends.available()\n"
                  f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
     assert out.strip() == "[]"
@@ -64,5 +64,17 @@ def test_mlx_reports_an_optimized_blas_on_linux():
     import platform
 
     info = backends.load("mlx").info()
-    if platform.system() == "Linux":
-        assert info["blas"].startswith("OpenBLAS"), info["blas"]
+    assert isinstance(info["blas_rejected"], list)
+    if platform.system() == "Linux":  # a DYNAMIC_ARCH OpenBLAS comes with portres[mlx] (scipy-openblas32)
+        assert info["blas"].startswith("OpenBLAS") and info["blas_core"], (info["blas"], info["blas_rejected"])
+
+
+def test_choosing_mlx_blas_imports_no_framework_and_loads_nothing_unsafe():
+    # selection probes in subprocesses: this process loads no BLAS and no framework while choosing
+    out = python("import os, sys, portres.backends._blas as b\n"
+                 "s = b.select()\n"
+                 f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
+                 "candidates = {os.path.realpath(c.path) for c in b.candidates()}\n"
+                 "mapped = {line.split()[-1] for line in open('/proc/self/maps')} if sys.platform == 'linux' else ()\n"
+                 "print(sorted(candidates & set(mapped)))")
+    assert out.splitlines() == ["[]", "[]"]
