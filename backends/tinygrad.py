@@ -175,6 +175,8 @@ class Backend:
         def run(trainable: dict):
             loss, aux = loss_fn(trainable)
             grads = loss.gradient(*trainable.values())
+            # one schedule for everything: realised one by one, each would re-run the shared forward graph
+            Tensor.realize(loss, *aux.values(), *grads)
             return loss, aux, dict(zip(trainable, grads))
 
         return run
