@@ -83,7 +83,7 @@ def convert_weights(source, destination, spec: ResNetSpec | None = None, *, dtyp
     what a narrower dtype means and is not counted as loss.
 
         >>> convert_weights("resnet50.pth", "resnet50.safetensors").mapped
-        161
+        267
     """
     source, destination = Path(source), Path(destination)
     if destination.suffix not in _FORMATS:

@@ -104,16 +104,14 @@ class TorchPickle:
         return b"\x80\x02" + body + b"."  # PROTO 2 ... STOP
 
 
-def write_zip(path, pickled: bytes, storages, archive="model", records=None):
+def write_zip(path, pickled: bytes, storages, archive="model", byteorder="little"):
     """The zip container: <archive>/data.pkl, data/<key>, byteorder and version, as torch writes them."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr(f"{archive}/data.pkl", pickled)
-        z.writestr(f"{archive}/byteorder", "little")
+        z.writestr(f"{archive}/byteorder", byteorder)
         for storage in storages:
             z.writestr(f"{archive}/data/{storage.key}", storage.data)
         z.writestr(f"{archive}/version", "3\n")
-        for name, data in (records or {}).items():
-            z.writestr(f"{archive}/{name}", data)
     return path
 
 
@@ -193,6 +191,21 @@ def test_hand_written_zip_checkpoint_every_dtype_view_and_layout(tmp_path):
     info = inspect_pth(path)
     assert info.container == "zip" and info.wrapper == () and info.stripped_prefix == ""
     assert info.tensors["bf16"] == ((3, 2), "bfloat16") and info.tensors["half"] == ((4,), "float16")
+
+
+def test_a_big_endian_checkpoint_and_any_file_name(tmp_path):
+    p = TorchPickle()
+    values = np.array([[1.5, -2.0], [3.25, 1e-3]], np.float32)
+    s = p.storage("FloatStorage", "0", values, ">f4")
+    c = p.storage("LongStorage", "1", [2**40], ">i8")
+    path = write_zip(tmp_path / "checkpoint.pth.tar", p.program(p.mapping({"w": p.tensor(s, (2, 2), stride=(1, 2)),
+                                                                          "n": p.tensor(c, ())})),
+                     p.storages.values(), byteorder="big")
+    loaded = read_pth(path)  # read_pth takes any name; load_weights goes by the suffix
+    assert np.array_equal(loaded["w"], values.T) and loaded["w"].dtype == np.float32  # native byte order
+    assert loaded["n"] == 2**40
+    with pytest.raises(WeightsError, match="unknown weights format '.tar'"):
+        load_weights(path, portres.get("resnet20"))
 
 
 def test_hand_written_legacy_checkpoint(tmp_path):
@@ -483,6 +496,18 @@ def test_write_pth_loads_in_torch_with_weights_only(tmp_path):
     rounded = rng.standard_normal(1000).astype(np.float32) * np.float32(1e3)
     write_pth(path, {"x": rounded}, bfloat16=True)
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.from_numpy(rounded).bfloat16())
+
+
+@needs_torch
+def test_write_pth_pickles_byte_for_byte_as_torch_save(tmp_path):
+    params = {"conv.weight": np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32),
+              "half": np.ones(3, np.float16), "steps": np.array(4, np.int64)}
+    torch.save(collections.OrderedDict((k, torch.from_numpy(v)) for k, v in params.items()), tmp_path / "t.pth")
+    write_pth(tmp_path / "m.pth", params)
+    with zipfile.ZipFile(tmp_path / "t.pth") as theirs, zipfile.ZipFile(tmp_path / "m.pth") as ours:
+        assert ours.read("archive/data.pkl") == theirs.read("t/data.pkl")
+        for key in range(3):
+            assert ours.read(f"archive/data/{key}") == theirs.read(f"t/data/{key}")
 
 
 @needs_torch
