@@ -189,7 +189,7 @@ def _cast(value: np.ndarray, dtype: str, allow_lossy: bool) -> tuple[np.ndarray,
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Store every tensor in this dtype (default: keep each one's, where DESTINATION can store it).")
 @click.option("--allow-lossy", is_flag=True,
-              help="Write even when values overflow or flush to zero in the new dtype (they saturate).")
+              help="Write even when the new dtype loses more than rounding (overflowing values saturate).")
 def convert(source, destination, name, spec_file, dtype, allow_lossy):
     """Convert weights between .pth/.pt/.bin, .safetensors and .npz, checked against the network.
 
