@@ -16,6 +16,8 @@ Files are never half-written and never half-read:
   ``_atomic_write(path, write_fn)`` (reusable for any file, e.g. training checkpoints): a
   unique temporary file beside the destination, fsynced and renamed over it, so a crash,
   Ctrl-C or a concurrent writer leaves one complete old or new file and no temporary file.
+* PyTorch checkpoints (``.pth``/``.pt``/``.bin``) are read and written by ``interop/pth.py``
+  without torch and without running anything from their pickle.
 * Reading validates a file's directory first (the safetensors header, as strictly as the
   reference library; the zip directory and each member's ``.npy`` header) and then reads
   only the tensors needed: a file that does not fit the spec is rejected unread, and a
@@ -95,7 +97,9 @@ def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm:
 
 # -- writing files: all or nothing -----------------------------------------------------------
 
-_FORMATS = (".safetensors", ".npz")
+_TORCH_FORMATS = (".pth", ".pt", ".bin")  # torch.save checkpoints, read and written by interop/pth.py
+_FORMATS = (".safetensors", ".npz", *_TORCH_FORMATS)
+_FORMAT_NAMES = ".safetensors, .npz or .pth (.pt, .bin)"
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
                        "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
@@ -196,7 +200,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
-    """Write ``params`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
+    """Write ``params`` to ``path`` (``.safetensors``, ``.npz`` or torch's ``.pth``), atomically.
 
     Every tensor is first checked as :func:`load_weights` will check it (a non-empty string
     name the format can store, a numeric dtype, finite values); on any problem nothing is
@@ -207,7 +211,12 @@ def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
     """
     path = Path(path)
     if path.suffix not in _FORMATS:
-        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .npz")
+        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use {_FORMAT_NAMES}")
+    if path.suffix in _TORCH_FORMATS:
+        from .interop.pth import write_pth
+
+        write_pth(path, params)
+        return
     arrays = _checked_for_saving(path, params)
     if path.suffix == ".safetensors":
         header = _safetensors_header(path, arrays)
@@ -216,7 +225,11 @@ def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
         _atomic_write(path, lambda file: _write_npz(file, arrays))
 
 
-def _checked_for_saving(path: Path, params) -> dict[str, np.ndarray]:
+def _checked_for_saving(path: Path, params, container: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays to write, each checked as loading will check it; ``container`` defaults to the suffix."""
+    container = container or path.suffix
+    if container in _TORCH_FORMATS:
+        from .interop.pth import _NUMPY_TO_STORAGE as storable
     if not isinstance(params, Mapping):
         raise WeightsError(f"cannot save {type(params).__name__} to {path}: give a mapping of name -> array")
     arrays, problems = {}, []
@@ -224,10 +237,10 @@ def _checked_for_saving(path: Path, params) -> dict[str, np.ndarray]:
         if not isinstance(name, str) or not name:
             problems.append(f"{name!r}: a tensor name must be a non-empty string")
             continue
-        if path.suffix == ".safetensors" and name == "__metadata__":
+        if container == ".safetensors" and name == "__metadata__":
             problems.append(f"{name}: the name is reserved for the safetensors header's metadata")
             continue
-        if path.suffix == ".npz" and zipfile.ZipInfo(name + ".npy").filename != name + ".npy":
+        if container == ".npz" and zipfile.ZipInfo(name + ".npy").filename != name + ".npy":
             problems.append(f"{name!r}: a zip member cannot be named so (NUL byte or path separator); rename it")
             continue
         try:
@@ -238,8 +251,10 @@ def _checked_for_saving(path: Path, params) -> dict[str, np.ndarray]:
         stored = array.dtype.newbyteorder("=")
         if array.dtype.kind not in _NUMERIC_KINDS:
             problems.append(f"{name}: dtype {array.dtype} is not numeric; weights are integers or floats")
-        elif path.suffix == ".safetensors" and stored not in _NUMPY_TO_SAFETENSORS:
+        elif container == ".safetensors" and stored not in _NUMPY_TO_SAFETENSORS:
             problems.append(f"{name}: safetensors cannot store dtype {array.dtype}; cast it (e.g. to float32)")
+        elif container in _TORCH_FORMATS and stored not in storable:
+            problems.append(f"{name}: a torch checkpoint cannot store dtype {array.dtype}; cast it (e.g. to float32)")
         elif array.dtype.kind == "f" and not np.isfinite(array).all():
             problems.append(f"{name}: contains NaN or inf")
         else:
@@ -289,10 +304,11 @@ class _Entry:
     shape: tuple[int, ...]  # as the file declares it
     dtype: np.dtype  # of the array read() returns (bfloat16 is widened to float32)
     read: Callable[[], np.ndarray]  # reads (and for .npz decompresses) this tensor's data only
+    stored: str | None = None  # the file's own dtype where it differs from ``dtype`` ("bfloat16")
 
 
 def read_weights_file(path) -> dict[str, np.ndarray]:
-    """Every tensor in a ``.safetensors`` or ``.npz`` file, unchecked against any spec.
+    """Every tensor in a ``.safetensors``, ``.npz`` or torch ``.pth`` file, unchecked against any spec.
 
     The file's directory (every name, dtype, shape and size) is validated before any tensor
     data is read; a corrupt or unreadable file raises :class:`WeightsError` naming it.
@@ -304,12 +320,26 @@ def read_weights_file(path) -> dict[str, np.ndarray]:
         return {name: entry.read() for name, entry in entries.items()}
 
 
+def describe_weights_file(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and dtype as the file stores it (e.g. ``"bfloat16"``), from its directory alone.
+
+        >>> describe_weights_file("/tmp/r18.safetensors")["fc.bias"]
+        ((1000,), 'float32')
+    """
+    with _open_weights_file(path) as entries:
+        return {name: (entry.shape, entry.stored or str(entry.dtype)) for name, entry in entries.items()}
+
+
 @contextlib.contextmanager
-def _open_weights_file(path) -> Iterator[dict[str, _Entry]]:
-    """The validated directory of a weights file; its entries can be read while the context is open."""
+def _open_weights_file(path, container: str | None = None) -> Iterator[dict[str, _Entry]]:
+    """The validated directory of a weights file; its entries can be read while the context is open.
+
+    ``container`` (a suffix) overrides the one the path has, e.g. ``.pth`` for ``checkpoint.pth.tar``.
+    """
     path = Path(path)
-    if path.suffix not in _FORMATS:
-        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .npz")
+    container = container or path.suffix
+    if container not in _FORMATS:
+        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use {_FORMAT_NAMES}")
     if os.path.isdir(path):  # os.path, not Path: it answers False instead of raising where access is denied
         raise WeightsError(f"{path} is a directory, not a weights file; give the path of a {path.suffix} file")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -324,8 +354,14 @@ def _open_weights_file(path) -> Iterator[dict[str, _Entry]]:
     except OSError as error:
         raise WeightsError(f"{path}: cannot open ({error.strerror})") from None
     with file:
-        if path.suffix == ".safetensors":
+        if container == ".safetensors":
             yield _safetensors_entries(path, file)
+            return
+        if container in _TORCH_FORMATS:
+            from .interop.pth import checkpoint_entries
+
+            with checkpoint_entries(path, file) as entries:
+                yield entries
             return
         if file.read(6) == b"\x93NUMPY":  # np.save output renamed to .npz
             raise WeightsError(f"{path}: holds a single array, not a .npz archive of named tensors")
@@ -475,7 +511,7 @@ def _safetensors_entries(path: Path, file: BinaryIO) -> dict[str, _Entry]:
         spans.append((begin, end, name))
         dtype = np.dtype(np.float32) if dtype_name == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype_name])
         read = functools.partial(_read_safetensors_tensor, path, file, body_start + begin, tuple(shape), dtype_name)
-        entries[name] = _Entry(tuple(shape), dtype, read)
+        entries[name] = _Entry(tuple(shape), dtype, read, "bfloat16" if dtype_name == "BF16" else None)
     covered = 0
     for begin, end, name in sorted(spans):
         if begin < covered:
@@ -563,8 +599,9 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[st
             given = {name: entry for name, entry in entries.items() if not _is_counter(name)}
             described = {name: (entry.shape, entry.dtype) for name, entry in given.items()}
             problems, fitting = _fit(expected, given, described)
+            shapes = {name: shape for name, (shape, _) in described.items()}
             if problems:
-                raise _misfit(origin, plan, problems)
+                raise _misfit(origin, plan, problems, shapes)
             arrays = {name: given[name].read() for name in fitting}
     elif isinstance(source, Mapping):
         origin = "the given mapping"
@@ -577,6 +614,7 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[st
                 unconvertible.append(f"{name}: cannot convert {type(given[name]).__name__} to an array ({error})")
         problems, fitting = _fit(expected, given, {name: (array.shape, array.dtype) for name, array in arrays.items()})
         problems += unconvertible
+        shapes = {name: tuple(value.shape) for name, value in given.items() if hasattr(value, "shape")}
     else:
         raise WeightsError(f"weights must be a file path or a mapping of name -> array, got {type(source).__name__}")
     result = {}
@@ -585,7 +623,7 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[st
         if problem:
             problems.append(problem)
     if problems:
-        raise _misfit(origin, plan, problems)
+        raise _misfit(origin, plan, problems, shapes)
     return result
 
 
@@ -614,5 +652,50 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
     return problems, fitting
 
 
-def _misfit(origin: str, plan: Plan, problems: list[str]) -> WeightsError:
-    return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  " + "\n  ".join(problems))
+def _misfit(origin: str, plan: Plan, problems: list[str], shapes: Mapping[str, tuple] | None = None) -> WeightsError:
+    hint = _looks_like(shapes, plan) if shapes else ""
+    return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  " + "\n  ".join(problems) + hint)
+
+
+@functools.cache
+def _signature(spec: ResNetSpec) -> frozenset[tuple[str, tuple[int, ...]]]:
+    return frozenset((name, tuple(shape)) for name, (shape, _) in as_plan(spec).param_shapes().items())
+
+
+def nearest_presets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], int, int]:
+    """The zoo presets whose parameters best match ``shapes`` (name -> shape) by name and shape.
+
+    Returns the presets tied for the best match (several when architectures share every shape,
+    e.g. ``resnet50`` and ``resnet50_v1``), how many tensors of ``shapes`` they match and how
+    many tensors they have; ``num_batches_tracked`` counters are ignored.
+
+        >>> nearest_presets({k: v.shape for k, v in init_params(portres.get("resnet101")).items()})
+        (['resnet101', 'resnet101_v1'], 522, 522)
+    """
+    from . import zoo
+
+    given = {(name, tuple(shape)) for name, shape in shapes.items() if not _is_counter(name)}
+    best, best_score, matched, total = [], -1.0, 0, 0
+    for name in zoo.names():
+        signature = _signature(zoo.get(name))
+        common = len(given & signature)
+        score = common / max(1, len(given | signature))  # Jaccard: penalises extra and missing tensors alike
+        if score > best_score:
+            best, best_score, matched, total = [name], score, common, len(signature)
+        elif score == best_score:
+            best.append(name)
+    return best, matched, total
+
+
+def _looks_like(shapes: Mapping[str, tuple], plan: Plan) -> str:
+    """A hint naming the zoo preset the weights were made for, when that is not the one asked for."""
+    given = {(name, tuple(shape)) for name, shape in shapes.items() if not _is_counter(name)}
+    if given == {(name, tuple(shape)) for name, (shape, _) in plan.param_shapes().items()}:
+        return ""  # names and shapes fit: the problem is elsewhere (a dtype, a value)
+    best, matched, total = nearest_presets(shapes)
+    if plan.spec.name in best or matched < 0.5 * max(len(given), total):
+        return ""
+    names = " or ".join(best)
+    if matched == len(given) == total:
+        return f"\n  looks like {names} (every name and shape matches); load it with that preset"
+    return f"\n  closest preset: {names} ({matched} of its {total} tensors match by name and shape)"

@@ -207,12 +207,12 @@ def test_corrupt_npz_names_the_file(tmp_path, damage):
 
 
 def test_wrong_format_and_missing_files(tmp_path):
-    with pytest.raises(WeightsError, match="unknown weights format '.pt'"):
-        load_weights(tmp_path / "w.pt", portres.get("resnet20"))
+    with pytest.raises(WeightsError, match="unknown weights format '.ckpt'"):
+        load_weights(tmp_path / "w.ckpt", portres.get("resnet20"))
     with pytest.raises(WeightsError, match="no such weights file"):
         load_weights(tmp_path / "absent.safetensors", portres.get("resnet20"))
     with pytest.raises(WeightsError, match="unknown weights format"):
-        save_weights(tmp_path / "w.bin", {})
+        save_weights(tmp_path / "w.h5", {})
 
 
 def test_npz_of_the_wrong_network_is_rejected_whole(tmp_path):
