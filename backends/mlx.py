@@ -19,6 +19,7 @@ elementwise ops on a single thread.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -61,7 +62,7 @@ except ImportError as error:  # pragma: no cover - guarded by backends.unavailab
 
 NAME = "mlx"
 FOLD_BATCH_NORM = True
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "float64": mx.float64}
 
 
 def devices() -> list[str]:
@@ -125,6 +126,9 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"MLX backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
         self._dtype = DTYPES[self.dtype]
+        if self.dtype == "float64" and self.device != "cpu":
+            raise ValueError("MLX computes in float64 on the CPU only: use device='cpu' or float32")
+        self._host_dtype = np.float64 if self.dtype == "float64" else np.float32  # NumPy side of transfers
         # MLX runs a CPU stream's elementwise ops on one thread, and those passes are
         # memory-bound. One stream per core, each taking a slice of the batch (with one BLAS
         # thread each), keeps every core busy: ResNet-50 batch 16 goes 15 -> 21 images/s.
@@ -133,6 +137,7 @@ class Backend:
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self.cpu_streams = cpu_streams  # streams the batch is split across
+        self._strided_convs_as_gemm = False  # see for_gradients
         self._per_thread = threading.local()  # MLX binds a stream to the thread that made it
         self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
                         "(all cores for one stream at batch 1)") if self.device == "cpu" else "device"
@@ -149,14 +154,14 @@ class Backend:
     # -- arrays and parameters --
 
     def from_numpy(self, x: np.ndarray):
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self._host_dtype)
         if x.ndim == 4:
             x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
-        return mx.array(np.ascontiguousarray(x)).astype(self._dtype)
+        return mx.array(np.ascontiguousarray(x), dtype=self._dtype)  # mx.array makes float64 float32 by default
 
     def to_numpy(self, x) -> np.ndarray:
         with mx.stream(self._device):
-            out = np.array(x.astype(mx.float32))
+            out = np.array(x if x.dtype == mx.float64 else x.astype(mx.float32))
         return out.transpose(0, 3, 1, 2) if out.ndim == 4 else out
 
     def load_params(self, plan, params: dict) -> dict:
@@ -164,7 +169,7 @@ class Backend:
         for name, value in params.items():
             if value.ndim == 4:
                 value = value.transpose(0, 2, 3, 1)  # OIHW -> OHWI
-            loaded[name] = mx.array(np.ascontiguousarray(value, np.float32)).astype(self._dtype)
+            loaded[name] = mx.array(np.ascontiguousarray(value, self._host_dtype), dtype=self._dtype)
         mx.eval(loaded)
         return loaded
 
@@ -203,15 +208,25 @@ class Backend:
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
         kernel = weight.shape[1]
-        if self.device == "cpu" and groups > 1:
-            return self._grouped_conv(x, weight, bias, stride, padding, groups)
-        if self.device == "cpu" and groups == 1:  # CPU paths, measured on CPU; the GPU conv is its own
-            if kernel == 1 and padding == 0:
-                return self._pointwise_conv(x, weight, bias, stride)
-            if stride == 1 and padding == kernel // 2 and x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS:
-                return self._shifted_gemm_conv(x, weight, bias, padding)
+        if self.device == "cpu" and groups == 1 and kernel == 1 and padding == 0:
+            return self._pointwise_conv(x, weight, bias, stride)
+        # MLX's own conv computes float64 in float32 (1.5e-7 off on CPU): float64 runs GEMMs only
+        exact = self.dtype == "float64"
+        if self.device == "cpu" and (groups > 1 or (stride > 1 and (self._strided_convs_as_gemm or exact))):
+            return self._channel_major_conv(x, weight, bias, stride, padding, groups)
+        if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
+                and (x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS or exact):
+            return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
         return y if bias is None else y + bias
+
+    def for_gradients(self) -> Backend:
+        """This backend as training differentiates it: strided convs as im2col GEMMs. MLX's own strided
+        conv is faster forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower
+        on CPU (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
+        variant = copy.copy(self)
+        variant._strided_convs_as_gemm = self.device == "cpu"
+        return variant
 
     # MLX's CPU conv is im2col + one GEMM; at large feature maps the im2col copy costs more
     # than the GEMM (ResNet-50 3x3 at 56x56: 78 ms of copy vs 22 ms of GEMM), so there
@@ -245,7 +260,7 @@ class Backend:
         y = acc.reshape(n, hp, wp, out_channels)[:, :h, :w, :]
         return y if bias is None else y + bias
 
-    def _grouped_conv(self, x, weight, bias, stride, padding, groups):
+    def _channel_major_conv(self, x, weight, bias, stride, padding, groups):
         # MLX's CPU grouped conv runs at ~1 GFLOP/s (ResNeXt-50: 80% of its time). Here each
         # group is a GEMM in channel-major layout (G, Cg, pixels), whose slices copy and
         # multiply in long contiguous runs: stride 1 as the shifted GEMMs of
@@ -291,7 +306,12 @@ class Backend:
         return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
 
     def cross_entropy(self, logits, targets):
-        log_probabilities = logits - mx.logsumexp(logits, axis=1, keepdims=True)
+        if logits.dtype == mx.float64:  # MLX's float64 exp (and logsumexp) is float32-accurate; power is exact
+            shifted = logits - mx.stop_gradient(logits.max(axis=1, keepdims=True))
+            exponentials = mx.power(mx.array(np.e, mx.float64), shifted)
+            log_probabilities = shifted - mx.log(exponentials.sum(axis=1, keepdims=True))
+        else:
+            log_probabilities = logits - mx.logsumexp(logits, axis=1, keepdims=True)
         return -(targets * log_probabilities).sum(axis=1).mean()
 
     def value_and_grad(self, loss_fn):

@@ -20,7 +20,7 @@ except ImportError as error:  # pragma: no cover - guarded by backends.unavailab
 
 NAME = "tinygrad"
 FOLD_BATCH_NORM = True  # one conv kernel with a bias instead of conv + a BN pass
-DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}
+DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16, "float64": dtypes.float64}
 
 
 def devices() -> list[str]:
@@ -89,6 +89,7 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
         self._dtype = DTYPES[self.dtype]
+        self._host_dtype = np.float64 if self.dtype == "float64" else np.float32  # NumPy side of transfers
         if self._dtype not in Device[self.device].renderer.supported_dtypes():
             raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
         if self.dtype != "float32" and (problem := _dtype_problem(self.device, self.dtype)):
@@ -100,14 +101,13 @@ class Backend:
     # -- arrays and parameters --
 
     def from_numpy(self, x: np.ndarray) -> Tensor:
-        return Tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device).cast(self._dtype).realize()
+        return Tensor(np.ascontiguousarray(x, dtype=self._host_dtype), device=self.device).cast(self._dtype).realize()
 
     def to_numpy(self, x: Tensor) -> np.ndarray:
-        return x.cast(dtypes.float32).numpy()
+        return x.numpy() if x.dtype == dtypes.float64 else x.cast(dtypes.float32).numpy()
 
     def load_params(self, plan, params: dict) -> dict:
-        return {name: Tensor(np.ascontiguousarray(value, np.float32), device=self.device).cast(self._dtype).realize()
-                for name, value in params.items()}
+        return {name: self.from_numpy(value) for name, value in params.items()}
 
     def compile(self, forward):
         # TinyJit replays kernels for one input shape, so keep one capture per shape.

@@ -19,7 +19,7 @@ except ImportError as error:  # pragma: no cover - guarded by backends.unavailab
 
 NAME = "torch"
 FOLD_BATCH_NORM = True
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def devices() -> list[str]:
@@ -54,14 +54,16 @@ class Backend:
         self.threads = f"{torch.get_num_threads()} intra-op threads" if self.device == "cpu" else "device"
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device, self._dtype)
+        host = np.float64 if self.dtype == "float64" else np.float32
+        t = torch.from_numpy(np.ascontiguousarray(x, host)).to(self.device, self._dtype)
         return t.contiguous(memory_format=self._format) if t.ndim == 4 else t
 
     def from_numpy(self, x: np.ndarray) -> torch.Tensor:
         return self._to_device(x)
 
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
-        return x.detach().float().cpu().contiguous().numpy()
+        x = x.detach().cpu()
+        return (x if x.dtype == torch.float64 else x.float()).contiguous().numpy()
 
     def load_params(self, plan, params: dict) -> dict:
         return {name: self._to_device(value) for name, value in params.items()}

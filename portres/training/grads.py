@@ -55,10 +55,15 @@ def training_backend(backend: str, device: str | None = None, dtype: str | None 
     from .. import backends
 
     lowering = backends.load(backend, device).Backend(device=device, dtype=dtype)
-    allowed = ("float64", "float32") if backend == "numpy" else ("float32",)
-    if lowering.dtype not in allowed:
-        raise ValueError(f"training on {backend} runs in {' or '.join(allowed)}, not {lowering.dtype}")
+    if lowering.dtype not in ("float32", "float64"):
+        raise ValueError(f"training runs in float32 (or float64, for checks), not {lowering.dtype}")
     return lowering
+
+
+def differentiable(lowering):
+    """The variant of a backend that training differentiates (e.g. MLX computes strided convs as
+    GEMMs, whose gradients are fast); the backend itself where it has none."""
+    return getattr(lowering, "for_gradients", lambda: lowering)()
 
 
 def trainable_names(plan: Plan) -> list[str]:
@@ -86,7 +91,7 @@ def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | 
     images = check_images(plan, images, min_batch=2)
     labels = check_labels(labels, images.shape[0], plan.spec.num_classes)
     lowering = training_backend(backend, device, dtype)
-    targets = soft_targets(labels, plan.spec.num_classes, label_smoothing, np.float32)
+    targets = soft_targets(labels, plan.spec.num_classes, label_smoothing, np.dtype(lowering.dtype))
     if not hasattr(lowering, "value_and_grad"):
         return _reference_loss_and_grads(plan, lowering, params, images, targets, bn_momentum)
 
@@ -94,11 +99,12 @@ def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | 
     trainable = {name: arrays[name] for name in trainable_names(plan)}
     buffers = {name: value for name, value in arrays.items() if name not in trainable}
     x, y = lowering.from_numpy(images), lowering.from_numpy(targets)
+    differentiated = differentiable(lowering)
 
     def loss_fn(trainable_params):
-        values, running_stats = run_plan_train(plan, lowering, {**trainable_params, **buffers}, x,
+        values, running_stats = run_plan_train(plan, differentiated, {**trainable_params, **buffers}, x,
                                                momentum=bn_momentum)
-        return lowering.cross_entropy(values[plan.output], y), running_stats
+        return differentiated.cross_entropy(values[plan.output], y), running_stats
 
     loss, running_stats, grads = lowering.value_and_grad(loss_fn)(trainable)
     return (float(lowering.to_numpy(loss)), {name: lowering.to_numpy(grads[name]) for name in trainable},

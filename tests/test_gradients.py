@@ -1,0 +1,206 @@
+"""The gradient parity suite: every framework's autodiff against the float64 reference's
+hand-written backward - loss, every parameter's gradient and the updated BN statistics.
+
+Every zoo entry is compared in float64 (chaotic deep networks included; see
+portres/training/parity.py for why float32 cannot be held to 1e-3 there), and random small
+networks in float32 at the issue's thresholds on cases whose ReLU/max-pool gates sit clear of
+their kinks. tinygrad compiles each network's backward for minutes on 2 cores, so by default it
+runs on small networks covering every block, stem and shortcut kind; PORTRES_FULL_ZOO=1 runs it
+over the whole zoo too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import portres
+from portres import backends, zoo
+from portres.parity import default_input_size
+from portres.spec import ResNetSpec, StageSpec, StemSpec
+from portres.training import parity
+from portres.training.grads import loss_and_grads
+
+FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
+FULL_ZOO = os.environ.get("PORTRES_FULL_ZOO") == "1"
+ZOO_FOR = {"tinygrad": zoo.names() if FULL_ZOO else ["resnet20"]}
+
+
+class References:
+    """The float64 reference gradients per (network, dtype-independent case), shared by the backends."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, spec, size):
+        if self.key != (spec, size):
+            images, labels, params = parity.gradient_case(spec, size, batch=4, seed=0)
+            reference = loss_and_grads(spec, "numpy", params, images, labels, dtype="float64")
+            self.key, self.value = (spec, size), (images, labels, params, reference)
+        return self.value
+
+
+REFERENCES = References()
+
+
+def compare(spec, backend, size, dtype="float64", case=None):
+    images, labels, params, reference = case or REFERENCES.get(spec, size)
+    computed = loss_and_grads(spec, backend, params, images, labels, dtype=dtype)
+    return parity.compare_grads(parity.GradParityResult(backend, "-", dtype), reference, computed,
+                                portres.make_plan(spec))
+
+
+@pytest.mark.parametrize("name, backend", [(n, b) for n in zoo.names() for b in FRAMEWORKS
+                                           if n in ZOO_FOR.get(b, zoo.names())])
+def test_float64_gradient_parity_for_every_zoo_entry(name, backend):
+    spec = portres.get(name)
+    result = compare(spec, backend, default_input_size(spec))
+    assert result.passed, result.to_dict() | {"parameter_errors": None, "divergence": result.divergence}
+
+
+# small networks that cover every block kind, stem, shortcut policy and grouped conv
+COVERING = {
+    "bottleneck_B_grouped": ResNetSpec(name="bottleneck_B_grouped", block="bottleneck", groups=2, shortcut="B",
+                                       stem=StemSpec(kind="imagenet", width=8),
+                                       stages=(StageSpec(1, 4, 1), StageSpec(1, 8, 2)), num_classes=5),
+    "v1_stride_on_1x1_C": ResNetSpec(name="v1_stride_on_1x1_C", block="bottleneck", bottleneck_stride_at="1x1",
+                                     shortcut="C", stem=StemSpec(kind="cifar", width=8, max_pool=False),
+                                     stages=(StageSpec(1, 4, 1), StageSpec(1, 4, 2)), num_classes=4),
+    "preact_basic_avg_down_deep": ResNetSpec(name="preact_basic_avg_down_deep", block="preact_basic",
+                                             shortcut="avg_down", stem=StemSpec(kind="deep", width=8, deep_width=4),
+                                             stages=(StageSpec(1, 8, 1), StageSpec(1, 12, 2)), num_classes=3),
+    "preact_bottleneck_B": ResNetSpec(name="preact_bottleneck_B", block="preact_bottleneck", shortcut="B",
+                                      stem=StemSpec(kind="imagenet", width=8),
+                                      stages=(StageSpec(1, 4, 1), StageSpec(1, 4, 2)), num_classes=3),
+    "basic_A": ResNetSpec(name="basic_A", block="basic", shortcut="A", width_factor=2,
+                          stem=StemSpec(kind="cifar", width=4, max_pool=False),
+                          stages=(StageSpec(1, 4, 1), StageSpec(1, 8, 2)), num_classes=3),
+    "plain": ResNetSpec(name="plain", block="basic", residual=False,
+                        stem=StemSpec(kind="cifar", width=4, max_pool=True),
+                        stages=(StageSpec(2, 4, 1), StageSpec(1, 8, 2)), num_classes=3),
+}
+
+
+# tinygrad compiles float32 and float64 kernels separately (about a minute per network here), so it
+# checks these in float64 and float32 on the random small networks below
+DTYPES_FOR = {"tinygrad": ("float64",)}
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("name", list(COVERING))
+def test_gradient_parity_of_every_layer_kind(name, backend):
+    spec = COVERING[name]
+    case = parity.gate_safe_case(spec, 16, batch=4)  # float32 gates clear of their kinks
+    reference = loss_and_grads(spec, "numpy", case[2], case[0], case[1], dtype="float64")
+    for dtype in DTYPES_FOR.get(backend, ("float32", "float64")):
+        result = compare(spec, backend, 16, dtype, case=(*case, reference))
+        assert result.passed, (dtype, result.to_dict())
+        assert result.tolerance == parity.TOLERANCES[dtype]
+
+
+@st.composite
+def small_specs(draw):
+    from portres.spec import BLOCK_KINDS, SHORTCUT_KINDS, STEM_KINDS
+
+    block = draw(st.sampled_from(BLOCK_KINDS))
+    stages = tuple(StageSpec(blocks=1, width=draw(st.sampled_from([4, 8])), stride=draw(st.sampled_from([1, 2])))
+                   for _ in range(draw(st.integers(1, 2))))
+    stem = StemSpec(kind=draw(st.sampled_from(STEM_KINDS)), width=8, deep_width=4, max_pool=draw(st.booleans()))
+    residual = draw(st.booleans())
+    try:
+        return ResNetSpec(name="drawn", block=block, stages=stages, stem=stem, groups=draw(st.sampled_from([1, 2])),
+                          shortcut=draw(st.sampled_from(SHORTCUT_KINDS)), residual=residual,
+                          num_classes=draw(st.integers(2, 5)), in_channels=draw(st.integers(1, 3)))
+    except portres.SpecError:
+        return None
+
+
+EXAMPLES = {"tinygrad": 2, "mlx": 25, "torch": 25}
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_random_small_networks_agree_in_float32(backend):
+    @settings(max_examples=EXAMPLES.get(backend, 5), deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(spec=small_specs())
+    def check(spec):
+        if spec is None:
+            return
+        size = max(16, portres.make_plan(spec).total_stride)
+        case = parity.gate_safe_case(spec, size, batch=4)
+        reference = loss_and_grads(spec, "numpy", case[2], case[0], case[1], dtype="float64")
+        result = compare(spec, backend, size, "float32", case=(*case, reference))
+        assert result.passed, (spec.to_json(None), result.to_dict())
+
+    check()
+
+
+# -- a deliberately broken backward must fail and be pointed at -------------------------------
+
+
+def _batch_norm_without_the_mean_gradient(backend: str):
+    """Train-mode BN whose forward is right but whose gradient skips the batch mean's dependence on x."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        axes, stop = (0, 1, 2), mx.stop_gradient
+        mean_of = lambda x: mx.mean(x, axis=axes)  # noqa: E731
+        shape = lambda v, x: v  # noqa: E731
+    else:
+        axes, stop = (0, 2, 3), (lambda t: t.detach())
+        mean_of = lambda x: x.mean(axis=axes) if backend == "tinygrad" else x.mean(dim=axes)  # noqa: E731
+        shape = lambda v, x: v.reshape(1, -1, 1, 1)  # noqa: E731
+
+    def broken(self, x, weight, bias, eps):
+        count = x.numel() / x.shape[1] if backend == "torch" else x.size // x.shape[-1] if backend == "mlx" \
+            else x.numel() // x.shape[1]
+        mean = mean_of(x)
+        centered = x - shape(stop(mean), x)
+        var = mean_of(centered * centered)
+        scale = weight * (var + eps) ** -0.5
+        return centered * shape(scale, x) + shape(bias, x), mean, var * (count / (count - 1))
+
+    return broken
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_a_broken_backward_fails_and_names_the_first_parameter_from_the_output(monkeypatch, backend):
+    module = backends.load(backend)
+    monkeypatch.setattr(module.Backend, "batch_norm_train", _batch_norm_without_the_mean_gradient(backend))
+    spec = COVERING["basic_A"]
+    (result,) = parity.check_grads(spec, [backend], input_size=16, dtype="float64")
+    assert not result.passed
+    # fc and the last BN's own scale and shift are still right; the conv feeding that BN is the first to be off
+    assert result.divergence.startswith("layer2.0.conv2.weight"), result.divergence
+    assert result.loss_error < 1e-12  # the forward pass is untouched
+
+
+def test_parity_grads_command_names_the_parameter(monkeypatch):
+    from click.testing import CliRunner
+
+    from portres.cli import main
+
+    if "mlx" not in FRAMEWORKS:
+        pytest.skip("mlx not installed")
+    ok = CliRunner().invoke(main, ["parity", "resnet20", "--grads", "--backends", "mlx"])
+    assert ok.exit_code == 0 and "float64" in ok.output and "pass" in ok.output, ok.output
+    module = backends.load("mlx")
+    monkeypatch.setattr(module.Backend, "batch_norm_train", _batch_norm_without_the_mean_gradient("mlx"))
+    failed = CliRunner().invoke(main, ["parity", "resnet20", "--grads", "--backends", "mlx"])
+    assert failed.exit_code == 1 and "diverges first at layer3.2.conv2.weight" in failed.output, failed.output
+    usage = CliRunner().invoke(main, ["parity", "resnet20", "--grads", "--batch", "1"])
+    assert usage.exit_code == 2 and "--batch 2 or more" in usage.output
+
+
+def test_gate_margin_finds_a_relu_input_at_its_kink():
+    spec = COVERING["basic_A"]
+    images, labels, params = parity.gradient_case(spec, 16, batch=2)
+    assert parity.gate_margin(spec, params, images) > 0
+    params = dict(params)
+    params["bn1.bias"] = np.zeros_like(params["bn1.bias"])
+    params["bn1.weight"] = np.zeros_like(params["bn1.weight"])  # bn1 outputs exact zeros into the stem ReLU
+    assert parity.gate_margin(spec, params, images) == 0.0
