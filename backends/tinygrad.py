@@ -169,6 +169,32 @@ class Backend:
     def cross_entropy(self, logits, targets):
         return -(targets * logits.log_softmax(axis=1)).sum(axis=1).mean()
 
+    def compile_train_step(self, step):
+        """``step(state, ...)`` under TinyJit. The JIT replays kernels on fixed buffers, so the state
+        lives in the tensors of the first ``state`` passed and every step assigns into them; the
+        returned loss and logits are overwritten by the next step (read them first)."""
+        jitted, bound = None, None
+
+        def run(state, images, targets, lr, count):
+            nonlocal jitted, bound
+            if bound is not state:
+                bound = state
+
+                def captured(images, targets, lr, count):
+                    new_state, loss, logits = step(bound, images, targets, lr, count)
+                    for name, value in new_state.items():
+                        bound[name].assign(value)
+                    Tensor.realize(*bound.values(), loss, logits)
+                    return loss, logits
+
+                jitted = TinyJit(captured)
+            scalar = lambda value: Tensor(value, dtype=self._dtype, device=self.device).clone().realize()  # noqa: E731
+            with self.lock:
+                loss, logits = jitted(images, targets, scalar(lr), scalar(count))
+            return state, loss, logits
+
+        return run
+
     def value_and_grad(self, loss_fn):
         """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by tinygrad's autograd.
         (No graph may be realised inside ``loss_fn``: a realised tensor is a leaf to tinygrad.)"""

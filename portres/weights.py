@@ -199,19 +199,25 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
+def save_weights(path, params: Mapping[str, np.ndarray], *, metadata: Mapping[str, str] | None = None) -> None:
     """Write ``params`` to ``path`` (``.safetensors``, ``.npz`` or torch's ``.pth``), atomically.
 
     Every tensor is first checked as :func:`load_weights` will check it (a non-empty string
     name the format can store, a numeric dtype, finite values); on any problem nothing is
     written and one :class:`WeightsError` lists them all. The file is replaced all or nothing
     (see ``_atomic_write``): it keeps its permissions, and a symlink keeps its link.
+    ``metadata`` (strings) goes into a safetensors file's ``__metadata__``.
 
         >>> save_weights("/tmp/r20.npz", init_params(portres.get("resnet20")))
     """
     path = Path(path)
     if path.suffix not in _FORMATS:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use {_FORMAT_NAMES}")
+    if metadata is not None:
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"{path}: only .safetensors files carry metadata")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise WeightsError(f"{path}: metadata must map strings to strings")
     if path.suffix in _TORCH_FORMATS:
         from .interop.pth import write_pth
 
@@ -219,7 +225,7 @@ def save_weights(path, params: Mapping[str, np.ndarray]) -> None:
         return
     arrays = _checked_for_saving(path, params)
     if path.suffix == ".safetensors":
-        header = _safetensors_header(path, arrays)
+        header = _safetensors_header(path, arrays, metadata or {})
         _atomic_write(path, lambda file: _write_safetensors(file, header, arrays))
     else:
         _atomic_write(path, lambda file: _write_npz(file, arrays))
@@ -264,13 +270,13 @@ def _checked_for_saving(path: Path, params, container: str | None = None) -> dic
     return arrays
 
 
-def _safetensors_header(path: Path, arrays: Mapping[str, np.ndarray]) -> bytes:
+def _safetensors_header(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
     header, offset = {}, 0
     for name, array in arrays.items():
         header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[array.dtype.newbyteorder("=")], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
-    header["__metadata__"] = {"format": "np", "writer": "portres"}
+    header["__metadata__"] = {"format": "np", "writer": "portres", **metadata}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
     if len(text) > _MAX_HEADER:
@@ -559,8 +565,24 @@ def _float_dtype(dtype) -> np.dtype:
     return target
 
 
+TRAINING_STATE = "optimizer/"  # names of a training checkpoint's optimiser slots: state, not weights
+
+
 def _is_counter(name: str) -> bool:
-    return name.endswith("num_batches_tracked")  # torchvision's BN step counters: not parameters
+    # torchvision's BN step counters and a portres checkpoint's optimiser state: not parameters
+    return name.endswith("num_batches_tracked") or name.startswith(TRAINING_STATE)
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file (``{}`` for other formats), read from its header only."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with _open_weights_file(path):  # validates the whole header first
+        pass
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        return dict(json.loads(file.read(length).decode("utf-8")).get("__metadata__") or {})
 
 
 def _cast(name: str, array: np.ndarray, target: np.dtype) -> tuple[np.ndarray | None, str | None]:

@@ -70,6 +70,44 @@ def trainable_names(plan: Plan) -> list[str]:
     return [name for name, (_, trainable) in plan.param_shapes().items() if trainable]
 
 
+LOGITS = "logits"  # key of the train-mode logits among a gradient function's auxiliary outputs
+
+
+def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
+    """``f(trainable, buffers, images, targets) -> (loss, logits, running_stats, grads)`` on backend
+    arrays: the one definition of a training forward and backward, for :func:`loss_and_grads` and
+    the train step. Frameworks differentiate it with their autodiff (``value_and_grad``); the NumPy
+    reference runs it forward keeping every value and chains its hand-written backward primitives.
+    """
+    if not hasattr(lowering, "value_and_grad"):
+        def reference(trainable, buffers, images, targets):
+            every_value = tuple(op.output for op in plan.ops) + (INPUT,)
+            arrays = {**trainable, **buffers}
+            values, running_stats = run_plan_train(plan, lowering, arrays, images, momentum=bn_momentum,
+                                                   keep=every_value)
+            logits = values[plan.output]
+            loss = lowering.cross_entropy(logits, targets)
+            grads = backward(plan, lowering, arrays, values, lowering.cross_entropy_backward(logits, targets))
+            return loss, logits, running_stats, grads
+
+        return reference
+
+    differentiated = differentiable(lowering)
+
+    def loss_fn(trainable, buffers, images, targets):
+        values, running_stats = run_plan_train(plan, differentiated, {**trainable, **buffers}, images,
+                                               momentum=bn_momentum)
+        logits = values[plan.output]
+        return differentiated.cross_entropy(logits, targets), {**running_stats, LOGITS: logits}
+
+    def framework(trainable, buffers, images, targets):
+        loss, aux, grads = lowering.value_and_grad(lambda t: loss_fn(t, buffers, images, targets))(trainable)
+        logits = aux.pop(LOGITS)
+        return loss, logits, aux, grads
+
+    return framework
+
+
 def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | None = None,
                    dtype: str | None = None, label_smoothing: float = 0.0,
                    bn_momentum: float = 0.1) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -79,8 +117,8 @@ def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | 
     ``spec``: a ResNetSpec or preset name; ``params``: a mapping or weights file (strictly
     checked, as ``load_weights``); ``images``: NCHW, at least 2 (train-mode BN needs a batch);
     ``labels``: one class index per image. ``grads`` has one entry per trainable parameter in
-    plan order (float64 on the NumPy reference, float32 elsewhere); ``running_stats`` one per
-    BN buffer. Nothing is mutated.
+    plan order (float64 on the NumPy reference, float32 elsewhere, or the ``dtype`` asked for);
+    ``running_stats`` one per BN buffer. Nothing is mutated.
 
         >>> loss, grads, stats = portres.loss_and_grads("resnet20", "numpy", portres.init_params("resnet20"),
         ...                                             np.random.rand(4, 3, 32, 32), [0, 1, 2, 3])
@@ -92,33 +130,14 @@ def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | 
     labels = check_labels(labels, images.shape[0], plan.spec.num_classes)
     lowering = training_backend(backend, device, dtype)
     targets = soft_targets(labels, plan.spec.num_classes, label_smoothing, np.dtype(lowering.dtype))
-    if not hasattr(lowering, "value_and_grad"):
-        return _reference_loss_and_grads(plan, lowering, params, images, targets, bn_momentum)
-
     arrays = lowering.load_params(plan, params)
     trainable = {name: arrays[name] for name in trainable_names(plan)}
     buffers = {name: value for name, value in arrays.items() if name not in trainable}
-    x, y = lowering.from_numpy(images), lowering.from_numpy(targets)
-    differentiated = differentiable(lowering)
-
-    def loss_fn(trainable_params):
-        values, running_stats = run_plan_train(plan, differentiated, {**trainable_params, **buffers}, x,
-                                               momentum=bn_momentum)
-        return differentiated.cross_entropy(values[plan.output], y), running_stats
-
-    loss, running_stats, grads = lowering.value_and_grad(loss_fn)(trainable)
-    return (float(lowering.to_numpy(loss)), {name: lowering.to_numpy(grads[name]) for name in trainable},
-            {name: lowering.to_numpy(value) for name, value in running_stats.items()})
-
-
-def _reference_loss_and_grads(plan: Plan, reference, params: dict, images, targets, bn_momentum: float):
-    arrays = reference.load_params(plan, params)
-    x, y = reference.from_numpy(images), reference.from_numpy(targets)
-    every_value = tuple(op.output for op in plan.ops) + (INPUT,)
-    values, running_stats = run_plan_train(plan, reference, arrays, x, momentum=bn_momentum, keep=every_value)
-    logits = values[plan.output]
-    loss = reference.cross_entropy(logits, y)
-    grads = backward(plan, reference, arrays, values, reference.cross_entropy_backward(logits, y))
+    compute = gradient_function(plan, lowering, bn_momentum=bn_momentum)
+    loss, _, running_stats, grads = compute(trainable, buffers, lowering.from_numpy(images),
+                                            lowering.from_numpy(targets))
+    loss = float(lowering.to_numpy(loss))
     if not math.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss}: inputs or weights hold NaN/inf or overflow")
-    return float(loss), grads, running_stats
+        raise FloatingPointError(f"the loss is {loss}: inputs or weights hold NaN/inf, or the network overflows")
+    return (loss, {name: lowering.to_numpy(grads[name]) for name in trainable},
+            {name: lowering.to_numpy(value) for name, value in running_stats.items()})
