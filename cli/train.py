@@ -1,0 +1,134 @@
+"""``portres train`` and ``portres eval``: training runs with checkpoints, and their evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .app import load_spec, main
+
+
+def _milestones(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of epochs, e.g. 82,123") from None
+
+
+def _data_options(image_size: int | None) -> dict:
+    return {} if image_size is None else {"image_size": image_size}
+
+
+@main.command()
+@click.option("--arch", "name", help="A preset (input channels and classes adapt to the data set).")
+@click.option("--depth", type=int, help="ResNet depth instead of --arch (CIFAR: 20/32/44/56/110/1202).")
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file; it must fit the data set as is.")
+@click.option("--backend", default="mlx", show_default=True, help="numpy, tinygrad, mlx or torch.")
+@click.option("--device", help="Backend device (tinygrad: CPU, CUDA; mlx: cpu, gpu; torch: cpu, cuda).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default: float32 (numpy: float64).")
+@click.option("--data", default="digits", show_default=True, help="cifar10, cifar100, digits or folder.")
+@click.option("--data-dir", type=click.Path(), help="Where the data set's files are (CIFAR archives, image folders).")
+@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output directory.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Default: the data set's recipe (digits 15, CIFAR 164).")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Default: digits 64, CIFAR 128.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, help="Peak learning rate (default 0.1).")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (AdamW: beta1).")
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
+@click.option("--weight-decay", type=float, help="Default: CIFAR 1e-4 (the paper), digits 5e-4.")
+@click.option("--no-decay-norms-biases", is_flag=True, help="Exempt BN scales/shifts and biases from weight decay.")
+@click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]),
+              help="Default: CIFAR multistep (/10 at 50% and 75%: the paper's 32k/48k of 64k), digits cosine.")
+@click.option("--milestones", help="multistep: epochs to divide the rate by 10 at, e.g. 82,123.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True)
+@click.option("--augment", type=click.Choice(["recipe", "pad_crop_flip", "flip", "none"]), default="recipe",
+              show_default=True, help="recipe: CIFAR pad+crop+flip, digits none, folder flip.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs between tests.")
+@click.option("--limit-train", type=click.IntRange(min=2), help="Train on the first N images only (quick runs).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Also checkpoint every N steps.")
+@click.option("--stop-after", "stop_after_steps", type=click.IntRange(min=1),
+              help="Stop after N steps in all (checkpointed); continue later with --resume.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors (same settings).")
+def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, out, epochs, batch_size,
+          optimizer, lr, momentum, nesterov, weight_decay, no_decay_norms_biases, schedule, milestones, warmup_epochs,
+          label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume):
+    """Train a network on a data set: a progress bar on stderr, OUT/metrics.jsonl (one line per
+    epoch), OUT/last.safetensors and OUT/best.safetensors checkpoints, OUT/curves.png, OUT/summary.json.
+
+    \b
+        portres train --arch resnet20 --data digits                    # minutes on a laptop CPU
+        portres train --arch resnet20 --data cifar10 --data-dir DIR --out runs/r20
+    """
+    from portres import backends as registry
+    from portres.training.loop import TrainConfig
+    from portres.training.loop import train as run
+
+    spec = load_spec(name, spec_file, depth)
+    if reason := registry.unavailable_reason(backend, device):
+        raise registry.BackendUnavailable(f"backend {backend!r} cannot run: {reason}")
+    from_preset = spec_file is None
+    config = TrainConfig(
+        out=out, arch=spec.name if from_preset else None, spec=None if from_preset else spec.to_dict(), data=data,
+        data_dir=data_dir, data_options=_data_options(image_size), backend=backend, device=device, dtype=dtype,
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, decay_norms_and_biases=not no_decay_norms_biases, schedule=schedule,
+        milestones=_milestones(milestones), warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        augment=None if augment == "none" else augment, seed=seed, eval_every=eval_every, limit_train=limit_train,
+        checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps)
+    summary = run(config, resume=resume)
+    best = summary["best_test_top1_error"]
+    state = "finished" if summary["finished"] else \
+        f"stopped after step {summary['steps_done']} (continue with --resume)"
+    click.echo(f"{summary['network']} on {data}: {state}; best test top-1 error "
+               f"{'-' if best is None else f'{best:.4f} (accuracy {1 - best:.2%})'}; outputs in {out}")
+
+
+@main.command("eval")
+@click.option("--weights", required=True, type=click.Path(), help="A weights file or training checkpoint.")
+@click.option("--arch", "name", help="The preset it was trained as (default: the checkpoint's own spec).")
+@click.option("--depth", type=int, help="ResNet depth instead of --arch.")
+@click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --arch.")
+@click.option("--backend", default="mlx", show_default=True, help="numpy, tinygrad, mlx or torch.")
+@click.option("--device", help="Backend device.")
+@click.option("--data", default="digits", show_default=True, help="cifar10, cifar100, digits or folder.")
+@click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
+@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, image_size, batch_size, as_json):
+    """Top-1 and top-5 error of trained weights on a data set's test split (eval-mode BN)."""
+    from portres import data as datasets
+    from portres.model import build
+    from portres.training.checkpoint import CheckpointError
+    from portres.training.loop import evaluate as run
+    from portres.training.loop import spec_of_checkpoint
+
+    dataset = datasets.load(data, data_dir, **_data_options(image_size))
+    if name is None and spec_file is None and depth is None:
+        try:
+            spec = spec_of_checkpoint(weights)
+        except CheckpointError as error:
+            raise click.UsageError(f"{error}: give --arch or --spec") from None
+    else:
+        spec = load_spec(name, spec_file, depth)
+        if spec_file is None:
+            spec = datasets.fit_spec(spec, dataset)
+    datasets.check_fits(dataset, spec)
+    model = build(spec, backend, weights, device=device, fold_batch_norm_into_conv=False)
+    result = run(model.plan, model.backend, model.params, dataset.test_images, dataset.test_labels, dataset.mean,
+                 dataset.std, batch_size=batch_size)
+    count = len(dataset.test_labels)
+    if as_json:
+        click.echo(json.dumps({"network": spec.name, "data": data, "images": count, **result}))
+        return
+    click.echo(f"{spec.name} on {data} test ({count:,} images, {backend}): top-1 error {result['top1_error']:.4f} "
+               f"(accuracy {1 - result['top1_error']:.2%}), top-5 error {result['top5_error']:.4f}, "
+               f"loss {result['loss']:.4f}")
+    sys.stdout.flush()

@@ -1,0 +1,417 @@
+"""The training loop: data, steps, evaluation, metrics, checkpoints, resume.
+
+    >>> from portres.training.loop import TrainConfig, train
+    >>> summary = train(TrainConfig(arch="resnet20", data="digits", backend="mlx", out="runs/r20"))
+    >>> summary["best_test_top1_error"] < 0.03
+    True
+
+Each epoch appends one JSON line to ``OUT/metrics.jsonl``; ``OUT/last.safetensors`` (every
+epoch and every ``checkpoint_every`` steps) holds everything needed to resume exactly, and
+``OUT/best.safetensors`` the weights with the lowest test error. A run resumed with
+``resume=True`` produces the same weights as one that was never interrupted (on backends
+that compute deterministically: see README, "Training").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import data as datasets
+from ..plan import Plan, make_plan, run_plan
+from ..spec import ResNetSpec
+from ..weights import init_params
+from ..zoo import resolve
+from .checkpoint import CheckpointError, load_checkpoint, read_description, save_checkpoint
+from .grads import check_hyperparameters, soft_targets, training_backend
+from .optim import SGD, AdamW, no_decay_for_norms_and_biases
+from .schedules import make_schedule
+from .step import initial_state, make_train_step, split_state, state_to_numpy
+
+# What each data set trains with unless told otherwise. CIFAR: He et al. 2016, section 4.2 (batch 128,
+# lr 0.1 divided by 10 at 32k and 48k of 64k iterations = 164 epochs, weight decay 1e-4, momentum 0.9,
+# 4-pixel pad + crop + flip). digits: a small budget that reaches >= 97% test accuracy in minutes.
+RECIPES = {
+    "cifar10": {"epochs": 164, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "schedule": "multistep",
+                "augment": "pad_crop_flip"},
+    "cifar100": {"epochs": 164, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "schedule": "multistep",
+                 "augment": "pad_crop_flip"},
+    "digits": {"epochs": 15, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "augment": None},
+    "folder": {"epochs": 30, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
+               "augment": "flip"},
+}
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (diverged, or a checkpoint that does not fit): what happened and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; ``None`` fields take the data set's recipe (see ``RECIPES``)."""
+
+    out: str  # output directory: metrics.jsonl, last/best checkpoints, curves.png, summary.json
+    arch: str | None = None  # a preset name (its input channels and classes adapt to the data set)
+    spec: dict | None = None  # or a full spec (ResNetSpec.to_dict()); it must fit the data set as is
+    data: str = "digits"  # data set name (portres.data.names())
+    data_dir: str | None = None  # where the data set's files are (CIFAR archives, image folders)
+    data_options: dict = field(default_factory=dict)  # loader options, e.g. {"image_size": 16}
+    backend: str = "numpy"  # numpy, tinygrad, mlx or torch
+    device: str | None = None  # the backend's device (None: its default)
+    dtype: str | None = None  # float32 (frameworks) or float64 (the reference's default)
+    epochs: int | None = None  # passes over the training set
+    batch_size: int | None = None  # images per step (the last partial batch of an epoch is dropped)
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    lr: float | None = None  # peak learning rate
+    momentum: float = 0.9  # SGD momentum (AdamW: beta1 stays 0.9)
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float | None = None  # L2 (SGD) or decoupled (AdamW) weight decay
+    decay_norms_and_biases: bool = True  # False exempts BN scales/shifts and biases (1-D parameters)
+    schedule: str | None = None  # "constant", "multistep" or "cosine"
+    milestones: tuple[int, ...] | None = None  # multistep: epochs at which the rate is divided by 10
+    warmup_epochs: float = 0.0  # linear warm-up in front of the schedule
+    label_smoothing: float = 0.0  # mix the one-hot targets with the uniform distribution
+    bn_momentum: float = 0.1  # weight of each batch's statistics in the BN running statistics
+    augment: str | None = "recipe"  # "pad_crop_flip", "flip", None, or "recipe" (the data set's)
+    seed: int = 0  # weights, data order and augmentation all derive from it
+    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
+    limit_train: int | None = None  # train on the first N images only (quick runs)
+    checkpoint_every: int | None = None  # also checkpoint every N steps (besides every epoch)
+    stop_after_steps: int | None = None  # stop (checkpointed) after this many steps in all; resume later
+
+    def resolved(self) -> TrainConfig:
+        """This config with the recipe's defaults filled in and every field checked."""
+        if self.data not in RECIPES and self.data not in datasets.names():
+            raise TrainingError(f"unknown data set {self.data!r}; known: {', '.join(datasets.names())}")
+        recipe = RECIPES.get(self.data, RECIPES["folder"])
+        filled = {key: recipe[key] if getattr(self, key) is None else getattr(self, key)
+                  for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule")}
+        if self.augment == "recipe":
+            filled["augment"] = recipe["augment"]
+        config = dataclasses.replace(self, **filled)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        if (self.arch is None) == (self.spec is None):
+            raise TrainingError("give exactly one of arch (a preset name) or spec")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_every": self.eval_every}
+        for name, value in {**positive, "limit_train": self.limit_train, "checkpoint_every": self.checkpoint_every,
+                            "stop_after_steps": self.stop_after_steps}.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TrainingError(f"{name}={value!r} must be a positive integer")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise TrainingError(f"{name}={value!r} must be a finite number >= 0")
+        if self.lr <= 0:
+            raise TrainingError(f"lr={self.lr!r} must be > 0")
+        if self.batch_size < 2:
+            raise TrainingError("batch_size must be at least 2: train-mode batch norm normalises over the batch")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise TrainingError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
+        if self.milestones is not None and (self.schedule != "multistep" or any(
+                not isinstance(m, int) or not 0 < m < self.epochs for m in self.milestones)):
+            raise TrainingError(f"milestones={self.milestones!r} need --schedule multistep and epochs in "
+                                f"(0, {self.epochs})")
+        if self.warmup_epochs >= self.epochs:
+            raise TrainingError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        try:
+            check_hyperparameters(self.label_smoothing, self.bn_momentum)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+
+    def recipe(self) -> dict:
+        """The fields a resumed run must share with the run it continues (where and how fast may differ)."""
+        where = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "data_dir", "eval_every"}
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in where}
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+
+
+def load_data(config: TrainConfig):
+    """The data set, cut to ``limit_train`` training images if asked."""
+    dataset = datasets.load(config.data, config.data_dir, **config.data_options)
+    if config.limit_train is not None and config.limit_train < len(dataset.train_labels):
+        dataset = dataclasses.replace(dataset, train_images=dataset.train_images[:config.limit_train],
+                                      train_labels=dataset.train_labels[:config.limit_train])
+    return dataset
+
+
+def network_for(config: TrainConfig, dataset) -> ResNetSpec:
+    """A preset adapted to the data set's channels and classes, or a spec that must fit as is."""
+    if config.arch is not None:
+        return datasets.fit_spec(resolve(config.arch), dataset)
+    spec = ResNetSpec.from_dict(config.spec)
+    datasets.check_fits(dataset, spec)
+    return spec
+
+
+def make_optimizer(config: TrainConfig):
+    decay_filter = {} if config.decay_norms_and_biases else {"decay_filter": no_decay_for_norms_and_biases}
+    if config.optimizer == "adamw":
+        return AdamW(betas=(config.momentum, 0.999), weight_decay=config.weight_decay, **decay_filter)
+    return SGD(momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay, **decay_filter)
+
+
+def steps_per_epoch(config: TrainConfig, train_count: int) -> int:
+    steps = train_count // config.batch_size
+    if steps < 1:
+        raise TrainingError(f"batch_size={config.batch_size} exceeds the {train_count} training images: lower it")
+    return steps
+
+
+def make_lr_schedule(config: TrainConfig, per_epoch: int):
+    total = config.epochs * per_epoch
+    milestones = None if config.milestones is None else [m * per_epoch for m in config.milestones]
+    return make_schedule(config.schedule, config.lr, total, milestones, round(config.warmup_epochs * per_epoch))
+
+
+def evaluate(plan: Plan, lowering, params: dict, images: np.ndarray, labels: np.ndarray, mean, std,
+             batch_size: int = 256, forward=None) -> dict:
+    """Eval-mode (running BN statistics) loss and top-1/top-5 error on ``images``; ``forward`` may be
+    a compiled ``(params, x) -> logits`` to reuse between calls."""
+    forward = forward or lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
+    total_loss, top1, top5, count = 0.0, 0, 0, 0
+    num_classes = plan.spec.num_classes
+    with datasets.batches(images, labels, batch_size, mean=mean, std=std, prefetch=0) as batches:
+        for x, y in batches:
+            logits = np.asarray(lowering.to_numpy(forward(params, lowering.from_numpy(x))), np.float64)
+            shifted = logits - logits.max(1, keepdims=True)
+            log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+            total_loss += float(-log_probabilities[np.arange(len(y)), y].sum())
+            ranked = np.argsort(-logits, axis=1)
+            top1 += int((ranked[:, 0] != y).sum())
+            top5 += int((ranked[:, :min(5, num_classes)] != y[:, None]).all(1).sum())
+            count += len(y)
+    return {"loss": total_loss / count, "top1_error": top1 / count, "top5_error": top5 / count}
+
+
+class Progress:
+    """One status line on stderr: a live bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, stream=None, every_s: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s, self.last = every_s, 0.0
+
+    def update(self, text: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write(f"\r\033[K{text}" + ("\n" if final else ""))
+        elif final or now - self.last >= self.every_s:
+            self.stream.write(text + "\n")
+            self.last = now
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+LAST, BEST = "last.safetensors", "best.safetensors"
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> dict:
+    """Run (or continue, with ``resume``) the training ``config`` describes; returns the summary."""
+    config = config.resolved()
+    progress = progress or Progress()
+    out = Path(config.out)
+    dataset = load_data(config)
+    spec = network_for(config, dataset)
+    plan = make_plan(spec)
+    lowering = training_backend(config.backend, config.device, config.dtype)
+    optimizer = make_optimizer(config)
+    per_epoch = steps_per_epoch(config, len(dataset.train_labels))
+    schedule = make_lr_schedule(config, per_epoch)
+    dtype = np.dtype(lowering.dtype)
+
+    position = {"epoch": 0, "batch": 0, "step": 0, "epoch_sums": _empty_sums(), "best_test_top1_error": None}
+    metrics: list[dict] = []
+    if resume and (out / LAST).exists():
+        numpy_state, description = load_checkpoint(out / LAST)
+        _check_resumable(out / LAST, description, config, spec, optimizer)
+        position, metrics = description["position"], description["metrics"]
+        model, slots = split_state(numpy_state)
+        state = initial_state(plan, lowering, model, optimizer, slots)
+        progress.note(f"resuming {out / LAST}: epoch {position['epoch'] + 1}, step {position['step']}")
+    else:
+        if resume:
+            progress.note(f"nothing to resume in {out}: starting afresh")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        state = initial_state(plan, lowering, init_params(plan, config.seed), optimizer)
+    progress.note(f"{spec.name} ({sum(np.prod(s) for s, t in plan.param_shapes().values() if t):,} parameters) on "
+                  f"{config.backend} {lowering.device} {lowering.dtype}; {config.data}: "
+                  f"{len(dataset.train_labels):,} training / {len(dataset.test_labels):,} test images; "
+                  f"{config.epochs} epochs of {per_epoch} steps")
+
+    step_fn = make_train_step(plan, lowering, optimizer, bn_momentum=config.bn_momentum)
+    eval_forward = lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
+
+    def checkpoint(path: Path, finished_epoch: bool) -> None:
+        description = {"spec": spec.to_dict(), "config": config.recipe(), "optimizer": optimizer.config(),
+                       "backend": config.backend, "dtype": lowering.dtype, "position": position, "metrics": metrics,
+                       "finished_epoch": finished_epoch}
+        numpy_state = state_to_numpy(lowering, state)
+        broken = [name for name, value in numpy_state.items() if not np.isfinite(value).all()]
+        if broken:  # the loss was still finite, but the weights or statistics have overflowed
+            raise TrainingError(
+                f"training diverged by step {position['step']} (epoch {position['epoch'] + 1}, lr "
+                f"{position['epoch_sums']['lr']:.4g}): {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
+                f"hold NaN/inf. The last good checkpoint is {out / LAST}"
+                f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add --warmup-epochs")
+        if path.name == BEST:
+            numpy_state = split_state(numpy_state)[0]
+        save_checkpoint(path, numpy_state, description)
+
+    started = time.monotonic()
+    stopped_early = False
+    while position["epoch"] < config.epochs:
+        epoch = position["epoch"]
+        sums = position["epoch_sums"]
+        epoch_started = time.monotonic() - sums["seconds"]
+        with datasets.batches(dataset.train_images, dataset.train_labels, config.batch_size, mean=dataset.mean,
+                              std=dataset.std, shuffle=True, seed=config.seed, epoch=epoch, augment=config.augment,
+                              drop_last=True, start_batch=position["batch"]) as batches:
+            for images, labels in batches:
+                lr = schedule(position["step"])
+                targets = soft_targets(labels, spec.num_classes, config.label_smoothing, dtype)
+                state, loss, logits = step_fn(state, lowering.from_numpy(images), lowering.from_numpy(targets), lr,
+                                              position["step"] + 1)
+                loss = float(lowering.to_numpy(loss))
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"training diverged at step {position['step'] + 1} (epoch {epoch + 1}, lr {lr:.4g}): the "
+                        f"loss is {loss}. The last good checkpoint is {out / LAST}"
+                        f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add "
+                        "--warmup-epochs, then start again (or --resume to continue from it)")
+                wrong = int((np.asarray(lowering.to_numpy(logits)).argmax(1) != labels).sum())
+                position["step"] += 1
+                position["batch"] += 1
+                sums.update(loss=sums["loss"] + loss * len(labels), wrong=sums["wrong"] + wrong,
+                            seen=sums["seen"] + len(labels), seconds=time.monotonic() - epoch_started, lr=lr)
+                rate = sums["seen"] / max(sums["seconds"], 1e-9)
+                left = (per_epoch - position["batch"]) * config.batch_size / rate
+                progress.update(f"epoch {epoch + 1}/{config.epochs} step {position['batch']}/{per_epoch} "
+                                f"loss {sums['loss'] / sums['seen']:.4f} acc {1 - sums['wrong'] / sums['seen']:.3f} "
+                                f"{rate:.0f} img/s ETA {left:.0f}s")
+                if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
+                    checkpoint(out / LAST, finished_epoch=False)
+                if config.stop_after_steps is not None and position["step"] >= config.stop_after_steps:
+                    stopped_early = True
+                    break
+        if stopped_early and position["batch"] < per_epoch:
+            checkpoint(out / LAST, finished_epoch=False)
+            break
+        record = {"epoch": epoch + 1, "step": position["step"], "lr": sums["lr"],
+                  "train_loss": sums["loss"] / sums["seen"], "train_error": sums["wrong"] / sums["seen"],
+                  "test_loss": None, "test_top1_error": None, "test_top5_error": None,
+                  "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9), "seconds": sums["seconds"]}
+        last_epoch = epoch + 1 == config.epochs
+        if (epoch + 1) % config.eval_every == 0 or last_epoch:
+            model, _ = split_state(state)
+            result = evaluate(plan, lowering, model, dataset.test_images, dataset.test_labels, dataset.mean,
+                              dataset.std, forward=eval_forward)
+            record.update(test_loss=result["loss"], test_top1_error=result["top1_error"],
+                          test_top5_error=result["top5_error"])
+        metrics.append(record)
+        with open(out / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+        test = "" if record["test_top1_error"] is None else \
+            f", test error {record['test_top1_error']:.4f} (top-5 {record['test_top5_error']:.4f})"
+        progress.update(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, train error "
+                        f"{record['train_error']:.4f}{test}, {record['images_per_s']:.0f} img/s, "
+                        f"{record['seconds']:.1f} s", final=True)
+        position.update(epoch=epoch + 1, batch=0, epoch_sums=_empty_sums())
+        improved = record["test_top1_error"] is not None and (
+            position["best_test_top1_error"] is None or record["test_top1_error"] < position["best_test_top1_error"])
+        if improved:
+            position["best_test_top1_error"] = record["test_top1_error"]
+        checkpoint(out / LAST, finished_epoch=True)
+        if improved:
+            checkpoint(out / BEST, finished_epoch=True)
+        if stopped_early:
+            break
+
+    summary = {"network": spec.name, "spec": spec.to_dict(), "backend": config.backend, "device": lowering.device,
+               "dtype": lowering.dtype, "data": config.data, "epochs_done": position["epoch"],
+               "steps_done": position["step"], "finished": position["epoch"] >= config.epochs,
+               "best_test_top1_error": position["best_test_top1_error"],
+               "final": metrics[-1] if metrics else None, "seconds_this_run": time.monotonic() - started,
+               "config": dataclasses.asdict(config)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_note = write_curves(out / "curves.png", metrics, f"{spec.name} on {config.data} ({config.backend})")
+    if plot_note:
+        progress.note(plot_note)
+    return summary
+
+
+def _empty_sums() -> dict:
+    return {"loss": 0.0, "wrong": 0, "seen": 0, "seconds": 0.0, "lr": None}
+
+
+def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: ResNetSpec, optimizer) -> None:
+    """A checkpoint continues only the run it came from: same network, optimiser and recipe."""
+    if description.get("spec") != spec.to_dict():
+        raise CheckpointError(f"{path} was written for the network {description.get('spec', {}).get('name')!r}, not "
+                              f"{spec.name!r}: resume with the same --arch/--spec, or use another --out")
+    if description.get("optimizer") != optimizer.config():
+        raise CheckpointError(f"{path} was written with the optimiser {description.get('optimizer')}, not "
+                              f"{optimizer.config()}: resume with the same optimiser settings, or use another --out")
+    saved = description.get("config", {})
+    mine = json.loads(json.dumps(config.recipe()))  # tuples as lists, as in the file
+    differing = sorted(key for key in set(saved) | set(mine) if saved.get(key) != mine.get(key))
+    if differing:
+        changes = ", ".join(f"{key} {saved.get(key)!r} -> {mine.get(key)!r}" for key in differing)
+        raise CheckpointError(f"{path} belongs to a run with other settings ({changes}): resume with the same "
+                              "settings, or use another --out")
+
+
+def write_curves(path: Path, metrics: list[dict], title: str) -> str | None:
+    """Loss and error per epoch, train and test (``curves.png``); a note instead when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"skipped {path.name}: plotting needs matplotlib (pip install 'portres[plot]')"
+    if not metrics:
+        return None
+    epochs = [m["epoch"] for m in metrics]
+    figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in ((loss_axis, "loss", "loss"), (error_axis, "error", "top-1 error")):
+        axis.plot(epochs, [m[f"train_{key}"] for m in metrics], label="train")
+        tested = [(m["epoch"], m["test_top1_error" if key == "error" else "test_loss"]) for m in metrics
+                  if m["test_loss"] is not None]
+        if tested:
+            axis.plot(*zip(*tested), label="test", marker="o", markersize=3)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    error_axis.set_ylim(bottom=0)
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
+    return None
+
+
+def spec_of_checkpoint(path) -> ResNetSpec:
+    """The network a checkpoint (last or best) was trained as."""
+    return ResNetSpec.from_dict(read_description(path)["spec"])
