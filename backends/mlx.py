@@ -164,6 +164,43 @@ def _shifted_gemm(padding: int):
     return conv
 
 
+@functools.cache
+def _batch_norm_train(eps: float):
+    """Train-mode BN (NHWC) -> (y, batch mean, unbiased batch variance), with its own gradient.
+
+    MLX's CPU elementwise passes run on one thread and are memory-bound, and autodiff of the
+    forward formula makes about twice the passes the closed form needs: with x^ = (x - mean)
+    * inv_std, dx = A * dy + B + C * x^ with per-channel A, B, C (the mean and variance
+    outputs' cotangents included, for callers that differentiate through the statistics).
+    """
+    axes = (0, 1, 2)
+
+    @mx.custom_function
+    def batch_norm(x, weight, bias):
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        mean = mx.mean(x, axis=axes)
+        centered = x - mean
+        var = mx.mean(centered * centered, axis=axes)
+        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+
+    @batch_norm.vjp
+    def batch_norm_vjp(primals, cotangents, outputs):
+        x, weight, _ = primals
+        grad_y, grad_mean, grad_var = cotangents
+        _, mean, unbiased = outputs
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        inv_std = mx.rsqrt(unbiased * ((count - 1) / count) + eps)
+        normalised = (x - mean) * inv_std
+        grad_bias = grad_y.sum(axis=axes)
+        grad_weight = (grad_y * normalised).sum(axis=axes)
+        scale = weight * inv_std
+        per_channel_shift = grad_mean / count - scale * grad_bias / count
+        per_channel_slope = grad_var * (2 / (count - 1)) / inv_std - scale * grad_weight / count
+        return scale * grad_y + per_channel_shift + per_channel_slope * normalised, grad_weight, grad_bias
+
+    return batch_norm
+
+
 class Backend:
     name = NAME
 
@@ -341,11 +378,7 @@ class Backend:
     # -- training --
 
     def batch_norm_train(self, x, weight, bias, eps):
-        count = x.shape[0] * x.shape[1] * x.shape[2]
-        mean = mx.mean(x, axis=(0, 1, 2))
-        centered = x - mean
-        var = mx.mean(centered * centered, axis=(0, 1, 2))
-        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+        return _batch_norm_train(eps)(x, weight, bias)
 
     def cross_entropy(self, logits, targets):
         if logits.dtype == mx.float64:  # MLX's float64 exp (and logsumexp) is float32-accurate; power is exact
