@@ -122,6 +122,7 @@ def small_specs(draw):
 EXAMPLES = {"tinygrad": 2, "mlx": 25, "torch": 25}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_random_small_networks_agree_in_float32(backend):
     @settings(max_examples=EXAMPLES.get(backend, 5), deadline=None, derandomize=True,

@@ -181,6 +181,7 @@ def test_a_cifar_archive_trains_through_the_real_loader(tmp_path):
     assert summary["finished"] and summary["steps_done"] == 5  # 5 batches of 8 synthetic images
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_training_loses_at_most_the_steps_since_its_checkpoint(tmp_path):
     out = tmp_path / "killed"
     code = ("import sys; from portres.training.loop import TrainConfig, train; from portres.spec import ResNetSpec; "
