@@ -325,13 +325,14 @@ KERAS_V1_LIKE = ResNetSpec(name="keras_v1_like", bottleneck_stride_at="1x1", con
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 @pytest.mark.parametrize("spec", [KERAS_V2_LIKE, KERAS_V1_LIKE], ids=lambda spec: spec.name)
 def test_new_fields_agree_with_the_reference_on_every_backend(spec, backend):
-    images, params = parity.parity_case(spec, 32, batch=2, seed=3)
+    images, params = parity.parity_case(spec, 16, batch=2, seed=3)
     reference = parity.Reference(spec, images, params)
     result = parity.compare(portres.build(spec, backend, params), images, reference)
     assert result.passed, (result.logits_error, result.stage_errors)
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+# tinygrad compiles a backward for minutes here; like tests/test_gradients.py, it runs with PORTRES_FULL_ZOO=1
+@pytest.mark.parametrize("backend", [b for b in FRAMEWORKS if b != "tinygrad" or os.environ.get("PORTRES_FULL_ZOO")])
 def test_new_fields_train_with_the_reference_gradients(backend):
     from portres.training import parity as grad_parity
     from portres.training.grads import loss_and_grads
@@ -358,6 +359,7 @@ def keras_module():
     return keras
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras' JAX arrays and NumPy 2's copy keyword
 @pytest.mark.parametrize("name, application", [("keras_resnet50", "ResNet50"), ("keras_resnet50v2", "ResNet50V2")])
 def test_keras_applications_parity(tmp_path, name, application):
     keras = keras_module()
@@ -383,6 +385,7 @@ def test_keras_applications_parity(tmp_path, name, application):
     assert_same(load_weights(tmp_path / "legacy.h5", spec, layout="keras"), params)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras' JAX arrays and NumPy 2's copy keyword
 @pytest.mark.parametrize("name, application", [
     ("keras_resnet101", "ResNet101"), ("keras_resnet152", "ResNet152"), ("keras_resnet101v2", "ResNet101V2"),
     ("keras_resnet152v2", "ResNet152V2")])
