@@ -4,7 +4,7 @@ Nothing here imports a framework; :func:`load` imports one backend module, which
 imports its framework. Each backend module (``numpy.py``, ``tinygrad.py``, ``mlx.py``,
 ``torch.py``) mirrors the others: a ``Backend`` class with array I/O, parameter loading,
 ``compile`` and the primitive set the plan walker calls (conv2d, batch_norm,
-channel_affine, relu, max_pool, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
+channel_affine, relu, max_pool, zero_pad, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
 
     >>> from portres import backends
     >>> "numpy" in backends.available()

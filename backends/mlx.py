@@ -436,6 +436,9 @@ class Backend:
             result = window if result is None else mx.maximum(result, window)
         return result
 
+    def zero_pad(self, x, padding):
+        return mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+
     def avg_pool(self, x, kernel_size, stride):
         height, width = x.shape[1:3]
         counts = _pool_counts(height, width, kernel_size, stride)

@@ -234,6 +234,9 @@ class Backend:
         exact.winograd = False
         return exact
 
+    def zero_pad(self, x, padding):
+        return x.pad((None, None, (padding, padding), (padding, padding)))
+
     def avg_pool(self, x, kernel_size, stride):
         return x.avg_pool2d((kernel_size, kernel_size), stride=stride, ceil_mode=True, count_include_pad=False)
 
