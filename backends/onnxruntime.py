@@ -80,7 +80,7 @@ class Backend:
     def for_nonfinite_input(self) -> Backend:
         """The variant that inputs holding NaN/inf run on (``portres.Model`` picks it): onnxruntime's
         MaxPool skips NaN and turns an all ``-inf`` window into the lowest finite float, so there max
-        pools take three more cheap nodes that restore both."""
+        pools also pool a NaN mask and a ``-inf`` mask and restore both."""
         if self.nan_exact:
             return self
         if self._exact is None:

@@ -244,12 +244,15 @@ class OnnxGraphBuilder:
         # onnxruntime's MaxPool skips NaN and starts from the lowest finite float: a window holding a NaN
         # must give NaN and one of only -inf must give -inf, as max does everywhere else
         x = self._operand(x)
-        window_has = lambda mask: self.node("Cast", [self.node(  # noqa: E731 - any true in the window
-            "MaxPool", [self.node("Cast", [mask.name], to=self.element_type).name], **window).name], to=_BOOL)
+
+        def window_has(mask: Value) -> Value:  # true where any pixel in the window is
+            as_float = self.node("Cast", [mask.name], to=self.element_type)
+            return self.node("Cast", [self.node("MaxPool", [as_float.name], **window).name], to=_BOOL)
+
         above_minus_inf = window_has(self.node("Not", [self.node("IsInf", [x], detect_positive=0).name]))
-        pooled = self.node("Where", [above_minus_inf.name, pooled.name, self.constant(np.asarray(-np.inf, self.dtype))])
-        has_nan = window_has(self.node("IsNaN", [x]))
-        return self.node("Where", [has_nan.name, self.constant(np.asarray(np.nan, self.dtype)), pooled.name])
+        minus_inf, nan = (self.constant(np.asarray(v, self.dtype)) for v in (-np.inf, np.nan))
+        pooled = self.node("Where", [above_minus_inf.name, pooled.name, minus_inf])
+        return self.node("Where", [window_has(self.node("IsNaN", [x])).name, nan, pooled.name])
 
     def avg_pool(self, x, kernel_size, stride):
         # ceil mode, dividing a partial edge window by the pixels it covers (portres's AvgPool)
