@@ -55,7 +55,7 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"the onnxruntime backend cannot compute in {self.dtype}: choose {' or '.join(DTYPES)}")
         self._np_dtype = np.dtype(self.dtype)
-        # CPU first as the fallback for any node the device's provider lacks
+        # CPU after the device's provider: the fallback for any node that provider lacks
         self._providers = [_PROVIDERS[self.device]] + (["CPUExecutionProvider"] if self.device != "cpu" else [])
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads  # 0: onnxruntime's default, one per physical core
