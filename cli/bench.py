@@ -11,7 +11,7 @@ from .app import backend_list, load_spec, main, table
 
 @main.command()
 @click.option("--backend", "backend_names", default="mlx", show_default=True,
-              help="tinygrad, mlx, numpy, torch, 'all', or a comma-separated list.")
+              help="tinygrad, mlx, numpy, torch, onnxruntime, 'all', or a comma-separated list.")
 @click.option("--depth", type=int, help="ResNet depth: 18/34/50/101/152 (CIFAR: 20/32/44/56/110/1202).")
 @click.option("--arch", "name", help="A preset name instead of --depth (see `portres list`).")
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --depth.")
