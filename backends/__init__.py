@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 
 NAMES = ("numpy", "tinygrad", "mlx", "torch", "onnxruntime")
+TRAINABLE = ("numpy", "tinygrad", "mlx", "torch")  # with gradients (onnxruntime is an inference engine)
 
 
 class BackendUnavailable(RuntimeError):
@@ -85,9 +86,9 @@ def unavailable_reason(name: str, device: str | None = None) -> str | None:
     return None
 
 
-def available() -> list[str]:
-    """Backends that can run here, without importing any framework that is missing."""
-    return [name for name in NAMES if unavailable_reason(name) is None]
+def available(training: bool = False) -> list[str]:
+    """Backends that can run here (``training``: and compute gradients), importing no framework that is missing."""
+    return [name for name in (TRAINABLE if training else NAMES) if unavailable_reason(name) is None]
 
 
 def load(name: str, device: str | None = None):

@@ -25,7 +25,7 @@ from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training import parity
 from portres.training.grads import loss_and_grads
 
-FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
+FRAMEWORKS = [name for name in backends.available(training=True) if name != "numpy"]
 FULL_ZOO = os.environ.get("PORTRES_FULL_ZOO") == "1"
 ZOO_FOR = {"tinygrad": zoo.names() if FULL_ZOO else ["resnet20"]}
 
