@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 NAMES = ("numpy", "tinygrad", "mlx", "torch", "onnxruntime")
 TRAINABLE = ("numpy", "tinygrad", "mlx", "torch")  # with gradients (onnxruntime is an inference engine)
+# what the plan walker calls on every backend (``portres.plan.apply_op``)
+PRIMITIVES = ("conv2d", "batch_norm", "channel_affine", "relu", "max_pool", "zero_pad", "avg_pool", "subsample",
+              "pad_channels", "add", "global_avg_pool", "linear")
 
 
 class BackendUnavailable(RuntimeError):

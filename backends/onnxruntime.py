@@ -162,6 +162,9 @@ class Backend:
     def pad_channels(self, x, before, after):
         return self._apply("pad_channels", x, before, after)
 
+    def zero_pad(self, x, padding):
+        return self._apply("zero_pad", x, padding)
+
     def add(self, x, y):
         return self._apply("add", x, y)
 

@@ -2,12 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from portres import backends
 
 FRAMEWORKS = ("mlx", "tinygrad", "torch")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def python(code: str) -> str:
@@ -78,3 +80,19 @@ def test_choosing_mlx_blas_imports_no_framework_and_loads_nothing_unsafe():
                  "mapped = {line.split()[-1] for line in open('/proc/self/maps')} if sys.platform == 'linux' else ()\n"
                  "print(sorted(candidates & set(mapped)))")
     assert out.splitlines() == ["[]", "[]"]
+
+
+def test_every_backend_implements_every_primitive_the_walker_calls():
+    """Read from the source, so a framework that is not installed is checked too; a primitive added
+    to the walker but not to one backend fails here, not deep in a parity run."""
+    import ast
+    import re
+
+    walker = (ROOT / "portres" / "plan.py").read_text()
+    called = set(re.findall(r"primitives\.(\w+)\(", walker.split("def apply_op", 1)[1].split("\ndef ", 1)[0]))
+    assert called == set(backends.PRIMITIVES), "backends.PRIMITIVES is out of date with apply_op"
+    for name in backends.NAMES:
+        tree = ast.parse((ROOT / "backends" / f"{name}.py").read_text())
+        (backend,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Backend"]
+        methods = {node.name for node in backend.body if isinstance(node, ast.FunctionDef)}
+        assert set(backends.PRIMITIVES) <= methods, f"{name} lacks {sorted(set(backends.PRIMITIVES) - methods)}"

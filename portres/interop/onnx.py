@@ -267,6 +267,11 @@ class OnnxGraphBuilder:
         # pads list every axis's start, then every axis's end: (N, C, H, W)
         return self.node("Pad", [self._operand(x), self._ints([0, before, 0, 0, 0, after, 0, 0])], mode="constant")
 
+    def zero_pad(self, x, padding):
+        # pads list every axis's start, then every axis's end: (N, C, H, W)
+        pads = self._ints([0, 0, padding, padding, 0, 0, padding, padding])
+        return self.node("Pad", [self._operand(x), pads], mode="constant")
+
     def add(self, x, y):
         return self.binary("Add", x, y)
 
