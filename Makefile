@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps bench test lint matrix clean
+.PHONY: setup system-deps bench test test-fast lint matrix clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the inner loop: the reference, one small network per framework, the mechanics (tests/conftest.py)
+test-fast: setup
+	$(BIN)/python -m pytest -q --fast
 
 lint: setup
 	$(BIN)/ruff check .

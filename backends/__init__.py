@@ -2,9 +2,9 @@
 
 Nothing here imports a framework; :func:`load` imports one backend module, which
 imports its framework. Each backend module (``numpy.py``, ``tinygrad.py``, ``mlx.py``,
-``torch.py``) mirrors the others: a ``Backend`` class with array I/O, parameter loading,
+``torch.py``, ``onnxruntime.py``) mirrors the others: a ``Backend`` class with array I/O, parameter loading,
 ``compile`` and the primitive set the plan walker calls (conv2d, batch_norm,
-channel_affine, relu, max_pool, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
+channel_affine, relu, max_pool, zero_pad, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
 
     >>> from portres import backends
     >>> "numpy" in backends.available()
@@ -21,7 +21,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-NAMES = ("numpy", "tinygrad", "mlx", "torch")
+NAMES = ("numpy", "tinygrad", "mlx", "torch", "onnxruntime")
+TRAINABLE = ("numpy", "tinygrad", "mlx", "torch")  # with gradients (onnxruntime is an inference engine)
 
 
 class BackendUnavailable(RuntimeError):
@@ -39,6 +40,7 @@ _REQUIREMENTS = {
     "tinygrad": _Requirement("tinygrad", "tinygrad"),
     "mlx": _Requirement("mlx", "mlx"),
     "torch": _Requirement("torch", "torch"),
+    "onnxruntime": _Requirement("onnxruntime", "onnx"),
 }
 
 
@@ -74,6 +76,9 @@ def unavailable_reason(name: str, device: str | None = None) -> str | None:
     if name == "mlx" and platform.system() == "Linux" and "mlx.core" not in sys.modules:
         if not any(_distribution_installed(d) for d in ("mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13")):
             return "mlx is installed without a Linux build of its core: pip install 'mlx[cpu]' (or 'portres[mlx]')"
+    if name == "onnxruntime" and not _installed("onnx"):
+        return ("onnxruntime runs graphs that portres builds with the onnx package, which is not installed: "
+                f"{install_hint(name)}")
     if name == "tinygrad" and (device is None or device.upper().startswith("CPU")) \
             and platform.system() != "Darwin" and shutil.which("clang") is None:
         return ("tinygrad's CPU device compiles kernels with clang, which is not on PATH: "
@@ -81,9 +86,9 @@ def unavailable_reason(name: str, device: str | None = None) -> str | None:
     return None
 
 
-def available() -> list[str]:
-    """Backends that can run here, without importing any framework that is missing."""
-    return [name for name in NAMES if unavailable_reason(name) is None]
+def available(training: bool = False) -> list[str]:
+    """Backends that can run here (``training``: and compute gradients), importing no framework that is missing."""
+    return [name for name in (TRAINABLE if training else NAMES) if unavailable_reason(name) is None]
 
 
 def load(name: str, device: str | None = None):

@@ -119,6 +119,9 @@ class Backend(Backward):
         x = np.pad(x, pad, constant_values=-np.inf)
         return sliding_window_view(x, (kernel_size, kernel_size), axis=(2, 3))[:, :, ::stride, ::stride].max((4, 5))
 
+    def zero_pad(self, x, padding):
+        return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+
     def avg_pool(self, x, kernel_size, stride):
         # ceil-mode: zero-pad bottom/right so the last partial window exists, divide by real pixels
         h, w = x.shape[2:]

@@ -74,6 +74,9 @@ class Backward:
         np.add.at(grad_padded, (batch, channel, rows, cols), grad)
         return grad_padded[:, :, padding:padding + h, padding:padding + w]
 
+    def zero_pad_backward(self, grad, padding):
+        return grad[:, :, padding:grad.shape[2] - padding, padding:grad.shape[3] - padding]
+
     def avg_pool_backward(self, grad, x, kernel_size, stride):
         """Each window's gradient spread over the in-bounds pixels it averaged (ceil mode)."""
         h, w = x.shape[2:]

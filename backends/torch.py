@@ -153,6 +153,9 @@ class Backend:
     def max_pool(self, x, kernel_size, stride, padding):
         return F.max_pool2d(x, kernel_size, stride, padding)
 
+    def zero_pad(self, x, padding):
+        return F.pad(x, (padding, padding, padding, padding))
+
     def avg_pool(self, x, kernel_size, stride):
         return F.avg_pool2d(x, kernel_size, stride, ceil_mode=True, count_include_pad=False)
 

@@ -22,6 +22,8 @@ from portres import backends, bench
 
 NETWORKS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnetv2_50"]
 BATCHES = [1, 16]
+# training rows: (network, input side, batch) - the CIFAR ResNet-20 and ResNet-50 at 224
+TRAINING = [("resnet20", 32, 128), ("resnet50", 224, 16)]
 
 
 def memory_gib() -> str:
@@ -44,6 +46,9 @@ def main() -> int:
                         help="also time tinygrad with BEAM=N at batch 16 on the --beam-networks (the first search "
                              "takes ~50 min per network on 2 cores, then tinygrad's disk cache has it)")
     parser.add_argument("--beam-networks", default="resnet50")
+    parser.add_argument("--training", default=",".join(f"{n}:{s}:{b}" for n, s, b in TRAINING),
+                        help="training rows as network:input:batch, comma-separated ('' for none)")
+    parser.add_argument("--training-backends", default=None, help="default: the inference backends")
     parser.add_argument("--log", default=str(Path(__file__).with_name("perf_log.md")),
                         help="speed-work log appended to the report")
     args = parser.parse_args()
@@ -68,6 +73,17 @@ def main() -> int:
                     records.append(bench.run_in_subprocess(config))
                 except bench.BenchError as error:
                     failures.append(f"{network} batch {batch} BEAM={args.tinygrad_beam}: {error}")
+    training_names = args.training_backends.split(",") if args.training_backends else names
+    for row in filter(None, args.training.split(",")):
+        network, size, batch = row.split(":")
+        for backend in training_names:
+            config = bench.BenchConfig(backend, portres.get(network).to_dict(), batch=int(batch), input_size=int(size),
+                                       dtype="float32", warmup=2, iters=args.iters, train=True)
+            print(f"training {network} {size} batch {batch} {backend} ...", file=sys.stderr, flush=True)
+            try:
+                records.append(bench.run_in_subprocess(config))
+            except bench.BenchError as error:
+                failures.append(f"training {network} batch {batch}: {error}")
     Path(args.output).write_text(report(records, failures, Path(args.log)))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -82,6 +98,8 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
         "",
         "Forward-pass inference, float32, 224x224, seeded weights, input kept on the device; median of",
         "timed passes after 2 warm-up passes (the first call — compile / JIT capture — is reported apart).",
+        "Training rows time whole SGD steps (forward and backward with train-mode BN, momentum update) on a",
+        "fixed batch; their GFLOP/s count a step as 3 forward passes.",
         "Written by `benchmarks/run_matrix.py` (`make matrix`); numbers are never asserted in tests.",
         "",
         f"- date: {today}",
@@ -92,9 +110,12 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
         *[f"- BLAS {b}" for b in blas],
         "",
     ]
-    for network in dict.fromkeys(r["network"] for r in records):
-        rows = [r for r in records if r["network"] == network]
-        lines += [f"## {network} ({rows[0]['gmacs_per_image']:.3f} GMACs/image)", "",
+    for network, training in dict.fromkeys((r["network"], r.get("train", False)) for r in records):
+        rows = [r for r in records if r["network"] == network and r.get("train", False) == training]
+        title = (f"## Training {network}, {rows[0]['input_size']}x{rows[0]['input_size']} "
+                 f"({rows[0]['gmacs_per_image']:.3f} GMACs/image per step)") if training else \
+            f"## {network} ({rows[0]['gmacs_per_image']:.3f} GMACs/image)"
+        lines += [title, "",
                   "| backend | batch | images/s | median ms | p90 ms | first call s | GFLOP/s | peak RSS MiB "
                   "| vs torch |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

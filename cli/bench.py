@@ -11,13 +11,13 @@ from .app import backend_list, load_spec, main, table
 
 @main.command()
 @click.option("--backend", "backend_names", default="mlx", show_default=True,
-              help="tinygrad, mlx, numpy, torch, 'all', or a comma-separated list.")
+              help="tinygrad, mlx, numpy, torch, onnxruntime, 'all', or a comma-separated list.")
 @click.option("--depth", type=int, help="ResNet depth: 18/34/50/101/152 (CIFAR: 20/32/44/56/110/1202).")
 @click.option("--arch", "name", help="A preset name instead of --depth (see `portres list`).")
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --depth.")
 @click.option("--device", help="Backend device (tinygrad: CPU, CUDA, METAL, CL; mlx: cpu, gpu; torch: cpu, cuda).")
 @click.option("--batch", type=click.IntRange(min=1), help="Images per pass (default: 16 on CPU, 64 on GPU).")
-@click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("--input-size", type=click.IntRange(min=1), help="Square input side (default: 224; CIFAR nets 32).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
               help="Compute dtype (default: float32; the numpy reference: float64).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed passes.")
@@ -25,24 +25,34 @@ from .app import backend_list, load_spec, main, table
 @click.option("--beam", type=click.IntRange(min=0), default=0, show_default=True,
               help="tinygrad BEAM search width (kernels cached on disk; 0: off).")
 @click.option("--profile", is_flag=True, help="Also time each op kind, op by op.")
+@click.option("--train", is_flag=True, help="Time training steps (forward, backward, SGD update) instead.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per backend on stdout.")
-def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtype, warmup, iters, beam, profile,
+def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtype, warmup, iters, beam, profile, train,
           seed, as_json):
-    """Time steady-state forward passes: images/s, latency, first call, GFLOP/s, memory.
+    """Time steady-state forward passes (or with --train, training steps): images/s, latency, first
+    call, GFLOP/s, memory.
 
     Each backend runs in its own process with seeded weights and the input kept on the
-    device; passes are synchronised (tinygrad: device synchronize; MLX: eval).
+    device; passes are synchronised (tinygrad: device synchronize; MLX: eval). A training step
+    is forward, backward and an SGD update with train-mode BN, counted as 3 forward passes of work.
+
+    \b
+        portres bench --backend mlx --depth 50
+        portres bench --train --backend all --depth 20 --batch 128
     """
     from portres import backends as registry
     from portres import bench as runner
-    from portres.analysis import check_input_size
+    from portres.analysis import check_input_size, default_input_size
     from portres.plan import make_plan
 
     if depth is None and name is None and spec_file is None:
         depth = 50
     spec = load_spec(name, spec_file, depth)
+    input_size = input_size or default_input_size(spec)
     check_input_size(make_plan(spec), input_size)
+    if profile and train:
+        raise click.UsageError("--profile times inference ops; leave it out with --train")
     explicit = backend_names != "all"
     reasons = {n: registry.unavailable_reason(n, device) for n in backend_list(backend_names, include_numpy=True)}
     if explicit and any(reasons.values()):
@@ -52,7 +62,8 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     records, failures = [], []
     for backend in (n for n, reason in reasons.items() if reason is None):
         config = runner.BenchConfig(backend, spec.to_dict(), device=device, batch=batch, input_size=input_size,
-                                    dtype=dtype, warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile)
+                                    dtype=dtype, warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile,
+                                    train=train)
         try:
             record = runner.run_in_subprocess(config)
         except runner.BenchError as error:
@@ -94,8 +105,9 @@ def _print_bench(spec, records, failures, peak):
     first = records[0] if records else None
     if first:
         size = first["input_size"]
+        what = "training steps (forward, backward, SGD; 3x the forward's work)" if first.get("train") else "passes"
         click.echo(f"{spec.name}, {size}x{size}, {first['gmacs_per_image']:.3f} GMACs/image, "
-                   f"{first['iters']} timed passes after {first['warmup']} warm-up\n")
+                   f"{first['iters']} timed {what} after {first['warmup']} warm-up\n")
     click.echo(table(["backend", "device", "dtype", "batch", "img/s", "median ms", "p90 ms", "min ms", "first call s",
                       "GFLOP/s", "of peak", "peak RSS MB", "vs torch"], rows, right=set(range(3, 13))))
     click.echo("")

@@ -81,15 +81,17 @@ def backends(as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    width = max(len(r["backend"]) for r in report)
+    indent = " " * (width + 10)
     for r in report:
         if r["available"]:
-            click.echo(f"{r['backend']:9s} ok       {r['framework']}; devices: {', '.join(r['devices'])} "
+            click.echo(f"{r['backend']:{width}s}  ok       {r['framework']}; devices: {', '.join(r['devices'])} "
                        f"(default {r['default_device']})")
             if r.get("blas"):
-                click.echo(f"{'':18s} BLAS: {r['blas']}")
+                click.echo(f"{indent} BLAS: {r['blas']}")
             if r.get("blas_core"):
-                click.echo(f"{'':18s} BLAS core: {r['blas_core']}")
+                click.echo(f"{indent} BLAS core: {r['blas_core']}")
             for rejected in r.get("blas_rejected", []):  # every library judged unsafe or wrong here, and why
-                click.echo(f"{'':18s} BLAS rejected: {rejected}")
+                click.echo(f"{indent} BLAS rejected: {rejected}")
         else:
-            click.echo(f"{r['backend']:9s} missing  {r['reason']}")
+            click.echo(f"{r['backend']:{width}s}  missing  {r['reason']}")

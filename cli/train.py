@@ -34,7 +34,7 @@ def _data_options(image_size: int | None) -> dict:
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are (CIFAR archives, image folders).")
 @click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output directory.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Default: the data set's recipe (digits 15, CIFAR 164).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Default: the data set's recipe (digits 10, CIFAR 164).")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Default: digits 64, CIFAR 128.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--lr", type=float, help="Peak learning rate (default 0.1).")

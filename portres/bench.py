@@ -51,6 +51,7 @@ class BenchConfig:
     seed: int = 0  # weights and input seed
     beam: int = 0  # tinygrad BEAM search width (0: off)
     profile: bool = False  # also time each op kind, op by op (synchronised after every op)
+    train: bool = False  # time training steps (forward, backward, SGD update) instead of inference
 
 
 def _peak_rss_bytes() -> int:
@@ -160,27 +161,18 @@ def run_benchmark(config: BenchConfig) -> dict:
         os.environ["BEAM"] = str(config.beam)  # read when tinygrad is imported
     from . import backends
     from .analysis import summary
-    from .model import build
     from .spec import ResNetSpec
 
     spec = ResNetSpec.from_dict(config.spec)
-    progress = _Progress(f"{config.backend} {spec.name}")
+    progress = _Progress(f"{config.backend} {spec.name}{' training' if config.train else ''}")
     module = backends.load(config.backend, config.device)
     rss_start = _peak_rss_bytes()
     started = time.perf_counter()
-    model = build(spec, config.backend, device=config.device, dtype=config.dtype, seed=config.seed)
+    if config.train:
+        timed_pass, backend, config = _training_pass(spec, config)
+    else:
+        timed_pass, backend, config, model = _inference_pass(spec, config)
     build_s = time.perf_counter() - started
-    backend = model.backend
-    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
-    rng = np.random.default_rng(config.seed)
-    images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
-    x = backend.from_numpy(model.check_input(images.astype(np.float32)))
-
-    def timed_pass() -> tuple[float, object]:
-        start = time.perf_counter()
-        out = backend.realize(model.forward(x))
-        backend.synchronize()
-        return time.perf_counter() - start, out
 
     progress("first call (compile / JIT capture) ...")
     first_call_s, out = timed_pass()
@@ -196,12 +188,13 @@ def run_benchmark(config: BenchConfig) -> dict:
     if logits.shape != (config.batch, spec.num_classes) or not np.all(np.isfinite(logits)):
         raise RuntimeError(f"{config.backend} produced {logits.shape} logits with NaN/inf: the timing is void")
     median = _percentile(latencies, 50)
-    macs = summary(spec, config.input_size).macs
+    # a training step is about 3 forward passes of work: the forward, and the backward's two GEMMs per conv
+    macs = summary(spec, config.input_size).macs * (3 if config.train else 1)
     info = module.info()
     record = {
         "network": spec.name, "backend": config.backend, "device": backend.device, "dtype": backend.dtype,
         "batch": config.batch, "input_size": config.input_size, "iters": config.iters, "warmup": config.warmup,
-        "beam": config.beam, "images_per_s": config.batch / median, "latency_median_s": median,
+        "beam": config.beam, "train": config.train, "images_per_s": config.batch / median, "latency_median_s": median,
         "latency_p90_s": _percentile(latencies, 90), "latency_min_s": min(latencies), "first_call_s": first_call_s,
         "build_s": build_s, "gmacs_per_image": macs / 1e9, "gflop_per_s": 2 * macs * config.batch / median / 1e9,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_growth_bytes": _peak_rss_bytes() - rss_start, **backend.memory(),
@@ -209,11 +202,65 @@ def run_benchmark(config: BenchConfig) -> dict:
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
     }
     progress(f"{record['images_per_s']:.2f} images/s (median {median * 1e3:.0f} ms)", final=True)
-    if config.profile:
+    if config.profile and not config.train:
         progress("profiling op by op ...")
-        record["profile"] = profile_ops(model, x, config.batch, config.input_size)
+        shape = (config.batch, spec.in_channels, config.input_size, config.input_size)
+        images = np.random.default_rng(config.seed).standard_normal(shape).astype(np.float32)
+        record["profile"] = profile_ops(model, model.backend.from_numpy(images), config.batch, config.input_size)
     progress.cancel()
     return record
+
+
+def _inference_pass(spec, config: BenchConfig):
+    from .model import build
+
+    model = build(spec, config.backend, device=config.device, dtype=config.dtype, seed=config.seed)
+    backend = model.backend
+    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
+    rng = np.random.default_rng(config.seed)
+    images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
+    x = backend.from_numpy(model.check_input(images.astype(np.float32)))
+
+    def timed_pass() -> tuple[float, object]:
+        start = time.perf_counter()
+        out = backend.realize(model.forward(x))
+        backend.synchronize()
+        return time.perf_counter() - start, out
+
+    return timed_pass, backend, config, model
+
+
+def _training_pass(spec, config: BenchConfig):
+    """One SGD step (momentum 0.9, weight decay 1e-4: the CIFAR recipe) per pass, on a fixed batch."""
+    from .model import check_images
+    from .plan import make_plan
+    from .training.grads import soft_targets, training_backend
+    from .training.optim import SGD
+    from .training.step import initial_state, make_train_step
+    from .weights import init_params
+
+    plan = make_plan(spec)
+    backend = training_backend(config.backend, config.device, config.dtype)
+    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
+    if config.batch < 2:
+        raise ValueError("training needs --batch 2 or more: train-mode batch norm normalises over the batch")
+    optimizer = SGD(momentum=0.9, weight_decay=1e-4)
+    state = {"arrays": initial_state(plan, backend, init_params(plan, config.seed), optimizer), "count": 0}
+    step = make_train_step(plan, backend, optimizer)
+    rng = np.random.default_rng(config.seed)
+    images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
+    x = backend.from_numpy(check_images(plan, images.astype(np.float32), min_batch=2))
+    targets = backend.from_numpy(soft_targets(rng.integers(0, spec.num_classes, config.batch), spec.num_classes, 0.0,
+                                              np.dtype(backend.dtype)))
+
+    def timed_pass() -> tuple[float, object]:
+        start = time.perf_counter()
+        state["count"] += 1
+        state["arrays"], loss, logits = step(state["arrays"], x, targets, 0.01, state["count"])
+        backend.to_numpy(loss)  # the step has finished when its loss is on the host
+        return time.perf_counter() - start, logits
+
+    return timed_pass, backend, config
 
 
 # -- parent side --------------------------------------------------------------------------------

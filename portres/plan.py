@@ -61,7 +61,7 @@ class Conv2d(Layer):
     stride: int = 1  # step in both spatial dims
     padding: int = 0  # zeros added on every side
     groups: int = 1  # channel groups (ResNeXt cardinality)
-    bias: bool = False  # only true after batch-norm folding
+    bias: bool = False  # a per-channel shift: where spec.conv_bias asks, and after batch-norm folding
 
     def problem(self):
         for what, channels in (("input", self.in_channels), ("output", self.out_channels)):
@@ -135,6 +135,17 @@ class MaxPool(Layer):
     def output_shape(self, shape):
         side = lambda n: (n + 2 * self.padding - self.kernel_size) // self.stride + 1  # noqa: E731
         return (shape[0], side(shape[1]), side(shape[2]))
+
+
+@dataclass(frozen=True)
+class ZeroPad(Layer):
+    """Zeros added around the spatial dims: Keras' ZeroPadding2D before a valid max pool."""
+
+    kind: ClassVar[str] = "zero_pad"
+    padding: int  # zero rows and columns added on every side
+
+    def output_shape(self, shape):
+        return (shape[0], shape[1] + 2 * self.padding, shape[2] + 2 * self.padding)
 
 
 @dataclass(frozen=True)
@@ -321,8 +332,9 @@ def _make_plan(spec: ResNetSpec) -> Plan:
     features = [("stem", x)]
     channels = spec.stem.width
     for stage_index, stage in enumerate(spec.stages):
+        strided_block = 0 if spec.stage_stride_at == "first" else stage.blocks - 1
         for block_index in range(stage.blocks):
-            stride = stage.stride if block_index == 0 else 1
+            stride = stage.stride if block_index == strided_block else 1
             prefix = f"layer{stage_index + 1}.{block_index}"
             x = _block(b, spec, prefix, x, channels, stage, stride)
             channels = spec.out_width(stage)
@@ -333,7 +345,19 @@ def _make_plan(spec: ResNetSpec) -> Plan:
         x = b.add("final_relu", ReLU(), x)
     x = b.add("avgpool", GlobalAvgPool(), x)
     x = b.add("fc", Linear(channels, spec.num_classes), x)
-    return Plan(spec, tuple(b.ops), tuple(features), x, total_stride)
+    return Plan(spec, _with_conv_biases(b.ops, spec.conv_bias), tuple(features), x, total_stride)
+
+
+def _with_conv_biases(ops: list[Op], policy: str) -> tuple[Op, ...]:
+    """``ops`` with ``bias=True`` on the convs ``spec.conv_bias`` names (see the spec field)."""
+    if policy == "none":
+        return tuple(ops)
+    normalized = {op.inputs[0] for op in ops if op.kind == "batch_norm"}  # conv outputs a BN reads
+    return tuple(
+        Op(op.name, dataclasses.replace(op.layer, bias=True), op.inputs, op.output)
+        if op.kind == "conv2d" and (policy == "all" or op.output not in normalized) else op
+        for op in ops
+    )
 
 
 def _stem(b: _Builder, spec: ResNetSpec) -> tuple[str, int]:
@@ -357,7 +381,11 @@ def _stem(b: _Builder, spec: ResNetSpec) -> tuple[str, int]:
         x = b.add("bn1", BatchNorm(stem.width, spec.bn_eps), x)
         x = b.add("relu", ReLU(), x)
     if stem.max_pool:
-        x = b.add("maxpool", MaxPool(3, 2, 1), x)
+        if stem.max_pool_padding == "zero":  # Keras: ZeroPadding2D(1), then a valid 3x3/2 pool
+            x = b.add("maxpool_pad", ZeroPad(1), x)
+            x = b.add("maxpool", MaxPool(3, 2, 0), x)
+        else:
+            x = b.add("maxpool", MaxPool(3, 2, 1), x)
         stride *= 2
     return x, stride
 
@@ -408,6 +436,8 @@ def _shortcut(b: _Builder, spec: ResNetSpec, p: str, identity: str, projected: s
     ``projected`` is what a learned projection reads (the pre-activated input in v2).
     """
     reshapes = stride != 1 or cin != cout
+    if spec.stride_only_shortcut == "subsample" and stride != 1 and cin == cout:  # Keras v2's 1x1/s max pool
+        return b.add(f"{p}shortcut.subsample", Subsample(stride), identity)
     if spec.shortcut == "A" and reshapes:
         x = identity
         if stride != 1:
@@ -514,6 +544,8 @@ def apply_op(primitives, op: Op, args: list, params: dict):
         return primitives.relu(args[0])
     if kind == "max_pool":
         return primitives.max_pool(args[0], layer.kernel_size, layer.stride, layer.padding)
+    if kind == "zero_pad":
+        return primitives.zero_pad(args[0], layer.padding)
     if kind == "avg_pool":
         return primitives.avg_pool(args[0], layer.kernel_size, layer.stride)
     if kind == "subsample":

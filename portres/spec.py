@@ -22,6 +22,10 @@ BLOCK_KINDS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 SHORTCUT_KINDS = ("A", "B", "C", "avg_down")
 STEM_KINDS = ("imagenet", "deep", "cifar")
 BOTTLENECK_STRIDE_POSITIONS = ("3x3", "1x1")
+STAGE_STRIDE_POSITIONS = ("first", "last")  # which block of a stage carries the stage's stride
+STRIDE_ONLY_SHORTCUTS = ("project", "subsample")  # a shortcut that changes resolution but not channels
+CONV_BIAS_POLICIES = ("none", "all", "unnormalized")  # which convs carry a bias
+MAX_POOL_PADDINGS = ("neg_inf", "zero")  # what the stem's max pool pads with
 BOTTLENECK_EXPANSION = 4  # a bottleneck block outputs 4x its stage width (He et al. 2016)
 
 # Upper bounds: generous for every published ResNet (resnet1202: 600 blocks; ImageNet-21k: 21,843
@@ -60,6 +64,9 @@ class StemSpec:
     width: int = 64  # channels the stem hands to the first stage
     deep_width: int = 32  # channels of the deep stem's first two convs (unused by other stems)
     max_pool: bool = True  # 3x3/2 max-pool after the convs (ImageNet stems), none for CIFAR
+    # "neg_inf": padding never wins (PyTorch); "zero": Keras' ZeroPadding2D before a valid pool, which
+    # differs only where the pool reads negative values (pre-activation stems end on a bare conv)
+    max_pool_padding: str = "neg_inf"
 
     def __post_init__(self) -> None:
         _check_choice("stem.kind", self.kind, STEM_KINDS)
@@ -67,6 +74,10 @@ class StemSpec:
         _check_int("stem.deep_width", self.deep_width, maximum=MAX_CHANNELS)
         if not isinstance(self.max_pool, bool):
             raise SpecError(f"stem.max_pool={self.max_pool!r} must be true or false")
+        _check_choice("stem.max_pool_padding", self.max_pool_padding, MAX_POOL_PADDINGS)
+        if self.max_pool_padding != "neg_inf" and not self.max_pool:
+            raise SpecError(f"stem.max_pool_padding={self.max_pool_padding!r} needs stem.max_pool=true; "
+                            "leave it 'neg_inf'")
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class StageSpec:
 
     blocks: int  # number of residual blocks in the stage
     width: int  # basic: block width; bottleneck: inner width before groups/width scaling (output = 4x)
-    stride: int = 1  # stride of the stage's first block (later blocks use 1)
+    stride: int = 1  # stride of the stage's first block (its last with stage_stride_at="last"); the others use 1
 
     def __post_init__(self) -> None:
         limits = {"blocks": MAX_BLOCKS, "width": MAX_CHANNELS, "stride": MAX_STRIDE}
@@ -95,7 +106,14 @@ class ResNetSpec:
     width_per_group: int | None = None  # ResNeXt "d": bottleneck width = int(width*factor*d/64)*groups
     width_factor: int = 1  # widens the 3x3 convs (wide ResNets); bottleneck outputs stay at 4x width
     bottleneck_stride_at: str = "3x3"  # "3x3": v1.5 (torchvision); "1x1": the original v1 paper
+    stage_stride_at: str = "first"  # block of a stage that strides: "first", or "last" (Keras ResNetV2)
     shortcut: str = "B"  # when shape changes: "A" pad, "B" 1x1 projection, "C" always project, "avg_down"
+    # a shortcut that changes resolution but not channels: "project" as `shortcut` says, or
+    # "subsample" (x[:, :, ::s, ::s], Keras ResNetV2's 1x1 max pool)
+    stride_only_shortcut: str = "project"
+    # "none": BN supplies every shift (torchvision, timm); "all": every conv has a bias (Keras ResNet);
+    # "unnormalized": only convs whose output no BN reads directly (Keras ResNetV2)
+    conv_bias: str = "none"
     residual: bool = True  # False builds the plain (shortcut-free) twin
     zero_init_last_bn: bool = False  # init each block's last BN scale to 0 (Goyal et al. 2017)
     bn_eps: float = 1e-5  # epsilon of every batch norm
@@ -123,6 +141,12 @@ class ResNetSpec:
         _check_choice("block", self.block, BLOCK_KINDS)
         _check_choice("shortcut", self.shortcut, SHORTCUT_KINDS)
         _check_choice("bottleneck_stride_at", self.bottleneck_stride_at, BOTTLENECK_STRIDE_POSITIONS)
+        _check_choice("stage_stride_at", self.stage_stride_at, STAGE_STRIDE_POSITIONS)
+        _check_choice("stride_only_shortcut", self.stride_only_shortcut, STRIDE_ONLY_SHORTCUTS)
+        _check_choice("conv_bias", self.conv_bias, CONV_BIAS_POLICIES)
+        if self.stride_only_shortcut == "subsample" and self.shortcut == "C":
+            raise SpecError("stride_only_shortcut='subsample' contradicts shortcut='C' (project in every block); "
+                            "use shortcut='B' or stride_only_shortcut='project'")
         _check_int("groups", self.groups, maximum=MAX_CHANNELS)
         _check_int("width_factor", self.width_factor, maximum=MAX_CHANNELS)
         _check_int("num_classes", self.num_classes, maximum=MAX_CLASSES)

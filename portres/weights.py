@@ -100,6 +100,8 @@ def init_params(spec: ResNetSpec | Plan, seed: int = 0, *, randomize_batch_norm:
 _TORCH_FORMATS = (".pth", ".pt", ".bin")  # torch.save checkpoints, read and written by interop/pth.py
 _FORMATS = (".safetensors", ".npz", *_TORCH_FORMATS)
 _FORMAT_NAMES = ".safetensors, .npz or .pth (.pt, .bin)"
+_KERAS_FORMATS = (".h5", ".keras")  # Keras weights, read (not written) by interop/keras.py with h5py
+_READ_FORMAT_NAMES = ".safetensors, .npz, .pth (.pt, .bin) or Keras' .h5 (.weights.h5, .keras)"
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
                        "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
@@ -344,8 +346,8 @@ def _open_weights_file(path, container: str | None = None) -> Iterator[dict[str,
     """
     path = Path(path)
     container = container or path.suffix
-    if container not in _FORMATS:
-        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use {_FORMAT_NAMES}")
+    if container not in (*_FORMATS, *_KERAS_FORMATS):
+        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use {_READ_FORMAT_NAMES}")
     if os.path.isdir(path):  # os.path, not Path: it answers False instead of raising where access is denied
         raise WeightsError(f"{path} is a directory, not a weights file; give the path of a {path.suffix} file")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -367,6 +369,12 @@ def _open_weights_file(path, container: str | None = None) -> Iterator[dict[str,
             from .interop.pth import checkpoint_entries
 
             with checkpoint_entries(path, file) as entries:
+                yield entries
+            return
+        if container in _KERAS_FORMATS:
+            from .interop.keras import h5_entries
+
+            with h5_entries(path, file) as entries:
                 yield entries
             return
         if file.read(6) == b"\x93NUMPY":  # np.save output renamed to .npz
@@ -598,7 +606,8 @@ def _cast(name: str, array: np.ndarray, target: np.dtype) -> tuple[np.ndarray | 
                   f"{float(np.finfo(target).max):.6g}); rescale it or load with a wider dtype, e.g. dtype='float64'")
 
 
-def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[str, np.ndarray]:
+def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32", layout: str = "torchvision"
+                 ) -> dict[str, np.ndarray]:
     """Check ``source`` (a path or a mapping) against ``spec``; return copies in ``dtype``.
 
     Strict: every missing, unexpected, misshapen, non-numeric or non-finite entry, and every
@@ -608,26 +617,38 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[st
     checked from its directory first, so a file that does not fit is rejected without its
     data being read. Nothing is returned half-loaded.
 
+    ``layout`` names the source's naming scheme: ``"torchvision"`` (portres's own names),
+    ``"timm"``, ``"keras"`` (Keras Applications; ``.h5``/``.weights.h5``/``.keras`` files need
+    h5py) or ``"mlxim"`` (mlx-image), mapped by :mod:`portres.interop` with their tensor layouts
+    (HWIO, OHWI, ...) converted; ``"auto"`` picks the one scheme whose names fit exactly. Problems
+    are reported in the source's own names.
+
         >>> params = load_weights("/tmp/r18.safetensors", portres.get("resnet18"), dtype="float32")
         >>> params["fc.weight"].dtype
         dtype('float32')
+        >>> params = load_weights("resnet50.weights.h5", portres.get("keras_resnet50"), layout="keras")
     """
     plan = as_plan(spec)
     target = _float_dtype(dtype)
+    from . import interop
+
+    interop.schemes(layout)  # an unknown layout fails before any file is opened
     expected = {name: shape for name, (shape, _) in plan.param_shapes().items()}
     if isinstance(source, (str, os.PathLike)):
         origin = str(source)
         with _open_weights_file(source) as entries:
             given = {name: entry for name, entry in entries.items() if not _is_counter(name)}
+            given, expected, rename = _foreign_names(given, expected, plan, layout)
             described = {name: (entry.shape, entry.dtype) for name, entry in given.items()}
             problems, fitting = _fit(expected, given, described)
             shapes = {name: shape for name, (shape, _) in described.items()}
             if problems:
-                raise _misfit(origin, plan, problems, shapes)
+                raise _misfit(origin, plan, problems, shapes if layout == "torchvision" else None)
             arrays = {name: given[name].read() for name in fitting}
     elif isinstance(source, Mapping):
         origin = "the given mapping"
         given = {str(k): v for k, v in source.items() if not _is_counter(str(k))}
+        given, expected, rename = _foreign_names(given, expected, plan, layout)
         arrays, unconvertible = {}, []
         for name in [name for name in expected if name in given]:
             try:
@@ -641,12 +662,35 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32") -> dict[st
         raise WeightsError(f"weights must be a file path or a mapping of name -> array, got {type(source).__name__}")
     result = {}
     for name in fitting:
-        result[name], problem = _cast(name, arrays[name], target)
+        portres_name, transform = rename[name]
+        result[portres_name], problem = _cast(name, transform.to_portres(arrays[name]), target)
         if problem:
             problems.append(problem)
     if problems:
-        raise _misfit(origin, plan, problems, shapes)
-    return result
+        raise _misfit(origin, plan, problems, shapes if layout == "torchvision" else None)
+    return {name: result[name] for name in plan.param_shapes()}  # plan order, whatever the source's
+
+
+def _foreign_names(given: dict, expected: dict, plan: Plan, layout: str) -> tuple[dict, dict, dict]:
+    """``given`` under the chosen scheme's spelling, the shapes it should have under its names,
+    and ``{its name: (portres name, transform)}``; the scheme is ``layout``'s, or detected."""
+    from . import interop
+
+    if layout == "torchvision":
+        return given, expected, interop.identity_map(plan)
+    scheme = interop.choose(given, plan, layout)
+    renamed: dict = {}
+    for name, value in given.items():
+        spelled = scheme.normalize(name)
+        if spelled in renamed:
+            raise WeightsError(f"the weights name {spelled!r} twice (as {name!r} and another spelling)")
+        renamed[spelled] = value
+    try:
+        rename = scheme.name_map(plan)
+    except interop.NotApplicable as error:
+        raise WeightsError(f"layout {layout!r} cannot name {plan.spec.name}'s weights: {error}") from None
+    return renamed, {name: transform.foreign_shape(expected[portres_name])
+                     for name, (portres_name, transform) in rename.items()}, rename
 
 
 def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], list[str]]:

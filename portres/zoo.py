@@ -26,11 +26,24 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 IMAGENET_STRIDES = (1, 2, 2, 2)
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
+# Keras Applications' ResNet50/101/152 (keras/src/applications/resnet.py): the original v1 (stride on
+# the first 1x1), a bias on every conv, BN epsilon 1.001e-5. Its explicit ZeroPadding2D before the
+# stem's max pool is left as -inf padding: that pool reads ReLU outputs (>= 0) and every window holds
+# one, so zero padding never wins there and both give the same function.
+KERAS_V1 = {"bottleneck_stride_at": "1x1", "conv_bias": "all", "bn_eps": 1.001e-5}
+# Keras' ResNet50V2/101V2/152V2: pre-activation; each stage strides in its LAST block (stages
+# conv2..conv4 by 2, conv5 by 1), whose shortcut is a 1x1/s max pool (a subsample); a bias on the
+# convs no BN follows (stem, each block's last conv, projections); the stem's max pool reads the bare
+# conv (negative values too) after ZeroPadding2D, so its zero padding is kept as such.
+KERAS_V2 = {"stage_stride_at": "last", "stride_only_shortcut": "subsample", "conv_bias": "unnormalized",
+            "bn_eps": 1.001e-5, "stem": StemSpec(max_pool_padding="zero")}
+KERAS_V2_STRIDES = (2, 2, 2, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     spec: ResNetSpec  # the architecture
-    family: str  # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "cifar", "plain"
+    family: str  # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "keras", "cifar", "plain"
     description: str  # one line for `portres list`
 
 
@@ -142,6 +155,18 @@ def _register_defaults() -> None:
     for depth in (50, 101):
         register(resnet(depth, name=f"resnet{depth}d", stem=StemSpec(kind="deep"), shortcut="avg_down"),
                  "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)")
+    d_variant = {"stem": StemSpec(kind="deep"), "shortcut": "avg_down"}
+    resnet26d = resnet(50, name="resnet26d", **d_variant)
+    register(dataclasses.replace(resnet26d, stages=tuple(dataclasses.replace(s, blocks=2) for s in resnet26d.stages)),
+             "resnet_d", "ResNet-26-D: bottleneck [2, 2, 2, 2], deep stem + avg-pool downsampling (timm)")
+    for depth in (50, 101, 152):
+        register(resnet(depth, name=f"keras_resnet{depth}", **KERAS_V1), "keras",
+                 f"Keras Applications ResNet{depth}: v1, conv biases, BN eps 1.001e-5 (Keras names: layout='keras')")
+    for depth in (50, 101, 152):
+        v2 = resnet(depth, name=f"keras_resnet{depth}v2", preactivation=True, **KERAS_V2)
+        stages = tuple(dataclasses.replace(s, stride=stride) for s, stride in zip(v2.stages, KERAS_V2_STRIDES))
+        register(dataclasses.replace(v2, stages=stages), "keras",
+                 f"Keras Applications ResNet{depth}V2: pre-activation, stride in each stage's last block")
     for depth in CIFAR_DEPTHS:
         register(cifar_resnet(depth), "cifar", f"CIFAR ResNet-{depth}, option A shortcuts")
     for depth in (20, 32, 44, 56, 110):

@@ -151,7 +151,7 @@ def test_messages_only_offer_options_the_verb_has():
 
 def test_bare_portres_prints_the_help_without_an_error():
     result = run()
-    assert result.exit_code in (0, 2) and "Usage:" in result.output and "error" not in result.output
+    assert result.exit_code in (0, 2) and "Usage:" in result.output and "error:" not in result.output
     assert "parity" in result.output
 
 

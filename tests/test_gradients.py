@@ -25,7 +25,7 @@ from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training import parity
 from portres.training.grads import loss_and_grads
 
-FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
+FRAMEWORKS = [name for name in backends.available(training=True) if name != "numpy"]
 FULL_ZOO = os.environ.get("PORTRES_FULL_ZOO") == "1"
 ZOO_FOR = {"tinygrad": zoo.names() if FULL_ZOO else ["resnet20"]}
 
@@ -122,6 +122,7 @@ def small_specs(draw):
 EXAMPLES = {"tinygrad": 2, "mlx": 25, "torch": 25}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_random_small_networks_agree_in_float32(backend):
     @settings(max_examples=EXAMPLES.get(backend, 5), deadline=None, derandomize=True,
@@ -204,3 +205,29 @@ def test_gate_margin_finds_a_relu_input_at_its_kink():
     params["bn1.bias"] = np.zeros_like(params["bn1.bias"])
     params["bn1.weight"] = np.zeros_like(params["bn1.weight"])  # bn1 outputs exact zeros into the stem ReLU
     assert parity.gate_margin(spec, params, images) == 0.0
+
+
+@pytest.mark.skipif("mlx" not in FRAMEWORKS, reason="mlx not installed")
+def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_included():
+    import mlx.core as mx
+
+    from portres.backends.mlx import _batch_norm_train
+
+    rng = np.random.default_rng(0)
+    x, weight, bias = (mx.array(a, dtype=mx.float64) for a in (rng.standard_normal((3, 4, 5, 6)) * 2 + 1,
+                                                                 rng.uniform(0.5, 1.5, 6), rng.standard_normal(6)))
+    probe = [mx.array(rng.standard_normal(shape), dtype=mx.float64) for shape in ((3, 4, 5, 6), (6,), (6,))]
+
+    def formula(x, weight, bias):
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        mean = mx.mean(x, axis=(0, 1, 2))
+        var = mx.mean((x - mean) ** 2, axis=(0, 1, 2))
+        return (x - mean) * weight * mx.rsqrt(var + 1e-5) + bias, mean, var * count / (count - 1)
+
+    def objective(fn):
+        return lambda *args: sum((out * p).sum() for out, p in zip(fn(*args), probe))
+
+    ours = mx.grad(objective(_batch_norm_train(1e-5)), argnums=(0, 1, 2))(x, weight, bias)
+    autodiff = mx.grad(objective(formula), argnums=(0, 1, 2))(x, weight, bias)
+    for a, b in zip(ours, autodiff):
+        assert np.allclose(np.array(a), np.array(b), rtol=1e-10, atol=1e-12)

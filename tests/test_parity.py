@@ -187,6 +187,7 @@ def small_specs(draw):
 EXAMPLES = {"tinygrad": 10, "mlx": 100, "torch": 100}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_random_valid_specs_agree_with_the_reference(backend):
     @settings(max_examples=EXAMPLES.get(backend, 10), deadline=None, suppress_health_check=list(HealthCheck))

@@ -21,7 +21,7 @@ from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training.checkpoint import CheckpointError, load_checkpoint
 from portres.training.loop import TrainConfig, TrainingError, train
 
-FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
+FRAMEWORKS = [name for name in backends.available(training=True) if name != "numpy"]
 TINY = ResNetSpec(name="tiny", block="basic", shortcut="A", stem=StemSpec(kind="cifar", width=4, max_pool=False),
                   stages=(StageSpec(1, 4, 1), StageSpec(1, 8, 2)), num_classes=10, in_channels=1)
 
@@ -181,6 +181,7 @@ def test_a_cifar_archive_trains_through_the_real_loader(tmp_path):
     assert summary["finished"] and summary["steps_done"] == 5  # 5 batches of 8 synthetic images
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_training_loses_at_most_the_steps_since_its_checkpoint(tmp_path):
     out = tmp_path / "killed"
     code = ("import sys; from portres.training.loop import TrainConfig, train; from portres.spec import ResNetSpec; "
@@ -201,3 +202,10 @@ def test_a_run_killed_while_training_loses_at_most_the_steps_since_its_checkpoin
                               batch_size=16, limit_train=96, lr=0.05, checkpoint_every=1, stop_after_steps=done + 2),
                   resume=True)
     assert summary["steps_done"] == done + 2
+
+
+def test_an_inference_only_backend_is_refused_for_training(tmp_path):
+    if "onnxruntime" not in backends.available():
+        pytest.skip("onnxruntime not installed")
+    with pytest.raises(backends.BackendUnavailable, match="computes no gradients"):
+        run(quick(tmp_path, backend="onnxruntime"))

@@ -39,6 +39,8 @@ def backward_op(primitives, op: Op, args: list, grad, params: dict) -> tuple[lis
         return [primitives.relu_backward(grad, args[0])], {}
     if kind == "max_pool":
         return [primitives.max_pool_backward(grad, args[0], layer.kernel_size, layer.stride, layer.padding)], {}
+    if kind == "zero_pad":
+        return [primitives.zero_pad_backward(grad, layer.padding)], {}
     if kind == "avg_pool":
         return [primitives.avg_pool_backward(grad, args[0], layer.kernel_size, layer.stride)], {}
     if kind == "subsample":

@@ -54,6 +54,9 @@ def training_backend(backend: str, device: str | None = None, dtype: str | None 
     """The backend object a training computation runs on (float32; float64 for the NumPy reference)."""
     from .. import backends
 
+    if backend not in backends.TRAINABLE and backend in backends.NAMES:
+        raise backends.BackendUnavailable(f"backend {backend!r} computes no gradients: train with "
+                                          f"{', '.join(backends.TRAINABLE)}")
     lowering = backends.load(backend, device).Backend(device=device, dtype=dtype)
     if lowering.dtype not in ("float32", "float64"):
         raise ValueError(f"training runs in float32 (or float64, for checks), not {lowering.dtype}")

@@ -47,7 +47,7 @@ RECIPES = {
                 "augment": "pad_crop_flip"},
     "cifar100": {"epochs": 164, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "schedule": "multistep",
                  "augment": "pad_crop_flip"},
-    "digits": {"epochs": 15, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "augment": None},
+    "digits": {"epochs": 10, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "augment": None},
     "folder": {"epochs": 30, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
                "augment": "flip"},
 }
