@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from test_train import TINY, Quiet
 
+import portres
 from portres import backends, data
 from portres.cli import main
 from portres.training import distributed as parallel
@@ -130,6 +131,7 @@ def test_mlx_ranks_match_the_reference(tmp_path, sync_bn):
 
 
 @needs["mlx"]
+@pytest.mark.slow
 def test_mlx_resumes_with_another_number_of_processes(tmp_path):
     # sync BN makes the replica count irrelevant to the arithmetic: 2 ranks then 1 process equal 1 process
     whole = settings(tmp_path, "whole", backend="mlx", epochs=2, stop_after_steps=None, eval_every=5, lr=0.05)
@@ -191,6 +193,7 @@ def wait_for_rank(parent: subprocess.Popen, rank: int, out: Path) -> int:
 
 
 @needs["mlx"]
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path):
     parent, out = start_local_run(tmp_path)
     victim = wait_for_rank(parent, 1, out)
@@ -209,6 +212,7 @@ def test_a_killed_rank_stops_the_run_with_a_clear_error(tmp_path):
 
 
 @needs["mlx"]
+@pytest.mark.slow
 def test_a_hung_rank_is_given_up_on_after_the_timeout(tmp_path):
     parent, out = start_local_run(tmp_path, "--timeout", "4")
     victim = wait_for_rank(parent, 1, out)
@@ -275,6 +279,7 @@ def test_a_port_in_use_is_one_line_with_the_fix(tmp_path):
 
 
 @needs["tinygrad"]
+@pytest.mark.slow  # tinygrad compiles the step's kernels for each configuration: minutes on 2 cores
 @pytest.mark.parametrize("sync_bn", [False, True], ids=["per-replica-bn", "sync-bn"])
 def test_tinygrad_devices_match_the_reference(tmp_path, sync_bn):
     config = settings(tmp_path, backend="tinygrad", devices=("CPU:0", "CPU:1"), sync_bn=sync_bn)
@@ -295,7 +300,59 @@ def test_torch_ranks_match_the_reference(tmp_path, sync_bn):
     check_against_reference(config, summary, shards=1 if sync_bn else 2)
 
 
+# -- portres bench --train --processes ----------------------------------------------------------------
+
+
+@needs["mlx"]
+def test_bench_times_data_parallel_training_per_rank_and_in_all(tmp_path):
+    (tmp_path / "tiny.json").write_text(TINY.to_json())
+    result = CliRunner().invoke(main, ["bench", "--train", "--processes", "1,2", "--backend", "mlx", "--spec",
+                                       str(tmp_path / "tiny.json"), "--input-size", "16", "--batch", "4", "--iters",
+                                       "2", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    one, two = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "processes" not in one and one["batch"] == 4
+    assert two["processes"] == 2 and two["batch_per_rank"] == 4 and len(two["step_median_s_per_rank"]) == 2
+    assert two["images_per_s"] == pytest.approx(2 * two["images_per_s_per_rank"])
+    counts = portres.summary(TINY, input_size=16)
+    assert two["all_reduce_bytes"] == 4 * (counts.params + counts.buffers)  # every gradient and BN statistic
+    assert two["all_reduce_median_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "2"], "--processes times data-parallel training: add --train"),
+    (["--train", "--processes", "2", "--backend", "tinygrad"], "tinygrad replicates over devices in one process"),
+    (["--train", "--processes", "0"], "process counts are positive integers"),
+])
+def test_bench_refuses_processes_it_cannot_time(args, message):
+    result = CliRunner().invoke(main, ["bench", "--depth", "20", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.strip().count("\n") == 0, result.output
+
+
 # -- launchers, settings and bad input (no framework needed) ------------------------------------------
+
+
+def test_local_ranks_are_stopped_when_one_dies_and_the_others_would_wait_forever():
+    # rank 1 dies at once; rank 0 would sleep for a minute: the launcher stops it after the grace period
+    code = ("import os, signal, time\n"
+            "if os.environ['MLX_RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "time.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(parallel.DistributedError, match="^rank 1 was killed by SIGKILL; the end$"):
+        parallel.run_local([sys.executable, "-c", code], 2, "mlx", grace_s=1.0, hint="; the end")
+    assert time.monotonic() - started < 20
+
+
+def test_a_rank_that_fails_says_why_through_the_launcher():
+    code = ("import os, sys\n"
+            "if os.environ['MLX_RANK'] == '1':\n"
+            "    sys.exit(print('portres: error: rank 1 has no data set here', file=sys.stderr) or 2)\n")
+    with pytest.raises(parallel.DistributedError, match="^rank 1 exited with status 2: rank 1 has no data set here$"):
+        parallel.run_local([sys.executable, "-c", code], 2, "mlx", grace_s=1.0)
+    rank_zero = "import os, sys; sys.exit(2 if os.environ['MLX_RANK'] == '0' else 0)"
+    with pytest.raises(parallel.AlreadyReported):  # rank 0 prints its own line: nothing to add
+        parallel.run_local([sys.executable, "-c", rank_zero], 2, "mlx", grace_s=1.0)
 
 
 def test_launchers_are_recognised_by_their_environment(tmp_path):

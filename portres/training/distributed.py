@@ -65,9 +65,10 @@ class AlreadyReported(DistributedError):
     """A local run failed and its rank 0 has already printed why (one line): nothing to add."""
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+def engine_message(error: BaseException) -> str:
+    """The telling part of a framework's error: its last line, without gloo's advice paragraph."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].split(" This is typically caused")[0] if lines else type(error).__name__
 
 
 # -- who this process is ----------------------------------------------------------------------
@@ -378,7 +379,7 @@ class ProcessReplicas(Replicas):
                 raise
             extra = hint() if callable(hint) else (hint or "")
             raise DistributedError(f"rank {self.rank}: lost contact with the other ranks during {activity} "
-                                   f"({first_line(error)}): a rank stopped or was killed{extra}") from None
+                                   f"({engine_message(error)}): a rank stopped or was killed{extra}") from None
         finally:
             self.watchdog.disarm()
 
@@ -549,16 +550,16 @@ def run_local(command: list[str], processes: int, backend: str, *, port: int | N
                 file.close()
         codes = [child.returncode for child in children]
         if all(code == 0 for code in codes):
-            return subprocess.CompletedProcess(command, 0, output)
+            return subprocess.CompletedProcess(command, 0, output.stdout)
         failed = output.first_failure
         code = codes[failed]
         if failed == 0 and code == 2:
-            raise AlreadyReported(f"rank 0 exited with status 2{hint}")
-        said = _last_error_line(logs[failed]) if failed else None
-        if said and ("Couldn't bind" in said or "error: 98" in said):
-            said = (f"its port on {LOOPBACK} was taken by another program between portres choosing it and the rank "
-                    "binding it: run again (or pick a free --port)")
-        raise DistributedError(f"rank {failed} {_how_it_ended(code)}" + (f": {said}" if said else "") + hint)
+            error = AlreadyReported(f"rank 0 exited with status 2{hint}")
+        else:
+            said = _last_error_line(logs[failed]) if failed else None
+            error = DistributedError(f"rank {failed} {_how_it_ended(code)}" + (f": {said}" if said else "") + hint)
+        error.stdout = output.stdout  # rank 0's, when captured
+        raise error
 
 
 class _Output:
@@ -575,7 +576,7 @@ def _wait_for_ranks(children: list[subprocess.Popen], grace_s: float, stdout) ->
         reader = threading.Thread(target=lambda: chunks.append(children[0].stdout.read()), daemon=True)
         reader.start()
     deadline = None
-    while any(child.poll() is None for child in children):
+    while [child.poll() for child in children].count(None):  # poll every child: any() would stop at a live one
         if output.first_failure is None:
             failed = [rank for rank, child in enumerate(children) if child.returncode not in (None, 0)]
             if failed:  # a rank killed by a signal is the cause; the others' errors are its consequence
