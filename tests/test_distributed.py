@@ -359,7 +359,7 @@ def test_launchers_are_recognised_by_their_environment(tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"], ["10.0.0.3:5000"]]))
     ring = parallel.detect_launcher({"MLX_RANK": "2", "MLX_HOSTFILE": str(hostfile)})
-    assert (ring.name, ring.engine, ring.rank, ring.world, ring.port) == ("mlx.launch (ring)", "mlx", 2, 3,
+    assert (ring.name, ring.engine, ring.rank, ring.world, ring.address) == ("mlx.launch (ring)", "mlx", 2, 3,
                                                                            "10.0.0.3:5000")
     assert parallel.detect_launcher({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}) == \
         parallel.Launcher("mpirun", "mlx", 1, 4)

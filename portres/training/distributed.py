@@ -23,8 +23,8 @@ need no copy of the output directory, and a run resumes with any number of proce
 ranks compare hashes of their settings (a rank started with another seed or network is refused),
 and a watchdog stops a rank that waits on its peers longer than ``timeout_s``.
 
-    >>> group = join(config)                      # Replicas (one process), or this rank's group
-    >>> lowering = group.wrap(lowering, sync_bn)  # the backend with all_reduce_mean, sharded inputs
+    >>> group = join("mlx", distributed=True)     # this rank's group (under mlx.launch), or Replicas()
+    >>> lowering = group.wrap(lowering, sync_bn=False)   # the backend with all_reduce_mean
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -82,14 +83,14 @@ class Launcher:
     engine: str  # the framework family it starts ranks for: "mlx" or "torch"
     rank: int  # this process's rank
     world: int | None  # number of processes, when the environment says
-    port: str | None = None  # this rank's own address, when it listens on one (ring)
+    address: str | None = None  # this rank's own host:port, when it listens on one (ring)
 
 
 def detect_launcher(environ=None) -> Launcher | None:
     """The launcher that started this process, from the variables it set; None when none did.
 
         >>> detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
-        Launcher(name='torchrun', engine='torch', rank=1, world=2, port=None)
+        Launcher(name='torchrun', engine='torch', rank=1, world=2, address=None)
     """
     env = os.environ if environ is None else environ
     ours = env.get("PORTRES_LAUNCHER")
@@ -172,6 +173,13 @@ def check_batch(batch_size: int, replicas: int, sync_bn: bool) -> None:
 
 
 # -- the replicas a training run uses ------------------------------------------------------------
+
+
+def portres_version() -> str:
+    try:
+        return importlib.metadata.version("portres")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def state_sha256(state: dict[str, np.ndarray]) -> str:

@@ -288,7 +288,8 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
     dtype = np.dtype(lowering.dtype)
     # ranks started with other settings would train different models in lock step: refuse at once
     group.agree({"network": spec.to_dict(), "seed": config.seed, "recipe": {**config.recipe(), "seed": None},
-                 "resume": resume, "backend": [config.backend, lowering.dtype], "sync_bn": config.sync_bn})
+                 "resume": resume, "backend": [config.backend, lowering.dtype], "sync_bn": config.sync_bn,
+                 "portres version": parallel.portres_version()})
 
     def starting_point():  # rank 0 decides; every other rank receives the same arrays and position
         if resume and (out / LAST).exists():
