@@ -377,8 +377,30 @@ class Backend:
 
     # -- training --
 
+    _global_sum = None  # data parallel with --sync-bn: sums over every rank (ProcessGroup.all_sum)
+
     def batch_norm_train(self, x, weight, bias, eps):
+        if self._global_sum is not None:
+            return self._synchronized_batch_norm(x, weight, bias, eps)
         return _batch_norm_train(eps)(x, weight, bias)
+
+    def _synchronized_batch_norm(self, x, weight, bias, eps):
+        # the global batch's statistics, in two passes as above (mean, then the centred sum of squares):
+        # every rank holds an equal share, so the global count is the local one times the ranks
+        count = x.shape[0] * x.shape[1] * x.shape[2] * self._ranks
+        mean = self._global_sum(mx.sum(x, axis=(0, 1, 2))) / count
+        centered = x - mean
+        var = self._global_sum(mx.sum(centered * centered, axis=(0, 1, 2))) / count
+        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+
+    def data_parallel(self, group: ProcessGroup, *, sync_bn: bool = False) -> Backend:
+        """This backend as one replica of ``group``: ``all_reduce_mean`` for the train step (MLX's
+        ``nn.average_gradients``), and with ``sync_bn`` batch statistics summed over every rank."""
+        variant = copy.copy(self)
+        variant.all_reduce_mean = group.all_reduce_mean
+        variant._global_sum = group.all_sum if sync_bn else None
+        variant._ranks = group.size
+        return variant
 
     def cross_entropy(self, logits, targets):
         if logits.dtype == mx.float64:  # MLX's float64 exp (and logsumexp) is float32-accurate; power is exact
@@ -462,3 +484,75 @@ class Backend:
 
     def linear(self, x, weight, bias):
         return x @ weight.T + bias
+
+
+# -- data parallel: this process as one rank of a group (portres.training.distributed) ----------------
+
+
+class ProcessGroup:
+    """This process's place in the group ``mlx.launch``/``mpirun`` started, on ``mx.distributed`` (ring
+    over TCP, MPI, NCCL, JACCL), and the collectives data-parallel training needs.
+
+        >>> group = ProcessGroup(launcher)           # under mlx.launch -n 2 (MLX_RANK, MLX_HOSTFILE)
+        >>> group.sum_host(np.array([1.0]))          # array([2.])
+    """
+
+    BACKENDS = {"mlx.launch (ring)": "ring", "portres --processes": "ring", "mpirun": "mpi",
+                "mlx.launch (nccl)": "nccl", "mlx.launch (jaccl)": "jaccl"}
+
+    def __init__(self, launcher, *, timeout_s: float | None = None, device: str | None = None):
+        import mlx.nn
+
+        self._average = mlx.nn.average_gradients
+        backend = self.BACKENDS.get(launcher.name, "any")
+        try:
+            self.group = mx.distributed.init(strict=True, backend=backend)
+        except RuntimeError as error:
+            text = str(error)
+            if "bind" in text.lower():
+                raise RuntimeError(f"rank {launcher.rank} cannot listen on {launcher.address or 'its address'}: the port "
+                                   "is in use (another program, or a run that has not ended): start with another "
+                                   "port (mlx.launch --starting-port P; portres --port P)") from None
+            raise RuntimeError(f"MLX's {backend} backend did not start under {launcher.name} ({text}); "
+                               "see docs/distributed.md") from None
+        self.rank, self.size = self.group.rank(), self.group.size()
+        self.name = f"mx.distributed {backend}"
+
+        @mx.custom_function
+        def all_sum(x):
+            return mx.distributed.all_sum(x, group=self.group)
+
+        @all_sum.vjp
+        def all_sum_vjp(primals, cotangent, output):
+            # every rank's loss depends on every rank's input through the sum: the input's gradient is
+            # the sum of all ranks' cotangents (MLX's own all_sum passes only the local one back)
+            return mx.distributed.all_sum(cotangent, group=self.group)
+
+        self.all_sum = all_sum  # differentiable sum over the ranks (sync BN)
+
+    def local_device(self, device: str | None) -> str | None:
+        return device  # mlx.launch gives each rank its GPU (CUDA_VISIBLE_DEVICES); on Apple silicon there is one
+
+    def all_reduce_mean(self, tree: dict) -> dict:
+        """The mean over the ranks of every array in ``tree``: ``mlx.nn.average_gradients`` (arrays packed
+        into few large all-reduces)."""
+        # a list, not the dict: MLX's tree utilities would read the dots in "layer1.0.conv1.weight" as nesting
+        return dict(zip(tree, self._average(list(tree.values()), group=self.group)))
+
+    def sum_host(self, values: np.ndarray) -> np.ndarray:
+        out = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu)
+        return np.array(out)
+
+    def broadcast(self, data: np.ndarray) -> np.ndarray:
+        """Rank 0's bytes on every rank (the others pass zeros): a sum of uint8, exact bit for bit."""
+        out = mx.distributed.all_sum(mx.array(data, dtype=mx.uint8), group=self.group, stream=mx.cpu)
+        return np.array(out)
+
+    @staticmethod
+    def lost_peer(error: BaseException) -> bool:
+        text = str(error).lower()
+        return isinstance(error, RuntimeError) and any(mark in text for mark in ("[ring]", "[mpi]", "[nccl]",
+                                                                                 "[jaccl]", "peer", "connection"))
+
+    def close(self) -> None:
+        pass  # MLX has no call to leave a group; the sockets close with the process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib.metadata
 import os
 import threading
@@ -188,12 +189,19 @@ class Backend:
                     return loss, logits
 
                 jitted = TinyJit(captured)
-            scalar = lambda value: Tensor(value, dtype=self._dtype, device=self.device).clone().realize()  # noqa: E731
             with self.lock:
-                loss, logits = jitted(images, targets, scalar(lr), scalar(count))
+                loss, logits = jitted(images, targets, self._scalar(lr), self._scalar(count))
             return state, loss, logits
 
         return run
+
+    def _scalar(self, value) -> Tensor:
+        """A 0-d tensor in a buffer of its own: the JIT takes no constants as inputs."""
+        return Tensor(value, dtype=self._dtype, device=self.device).clone().realize()
+
+    def data_parallel(self, devices: tuple[str, ...], *, sync_bn: bool = False) -> ReplicatedBackend:
+        """This backend replicated over ``devices`` in one process (see :class:`ReplicatedBackend`)."""
+        return ReplicatedBackend(devices, dtype=self.dtype, winograd=self.winograd, sync_bn=sync_bn)
 
     def value_and_grad(self, loss_fn):
         """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by tinygrad's autograd.
@@ -255,3 +263,80 @@ class Backend:
 
     def linear(self, x, weight, bias):
         return x.linear(weight.T, bias)
+
+
+class ReplicatedBackend(Backend):
+    """Data parallel on tinygrad's multi-device tensors, in one process: parameters and optimiser state
+    replicated on every device, each batch sharded along its first axis (``Tensor.shard``). Differentiating
+    the replicated parameters through the sharded batch, tinygrad all-reduces their gradients itself, and
+    the loss (a mean over the global batch) then has the replicas' mean gradient: ``all_reduce_mean`` has
+    nothing left to do. Batch norm uses each replica's own statistics (as torch DDP), or with ``sync_bn``
+    the global batch's (a mean over a sharded axis is tinygrad's cross-device reduce).
+
+        >>> lowering = Backend().data_parallel(("CPU:0", "CPU:1"))
+        >>> lowering.from_numpy(np.zeros((8, 3, 32, 32))).device     # ('CPU', 'CPU:1')
+    """
+
+    def __init__(self, devices: tuple[str, ...], dtype: str | None = None, winograd: bool = True,
+                 sync_bn: bool = False):
+        super().__init__(devices[0], dtype, winograd)
+        self.devices = tuple(_open_device(device) for device in devices)
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"tinygrad devices {', '.join(devices)} name one device twice (tinygrad calls them "
+                             f"{', '.join(self.devices)}): give each replica its own device")
+        self.device = ",".join(devices)  # for reports; tinygrad calls below use self.devices
+        self.sync_bn = sync_bn
+
+    def from_numpy(self, x: np.ndarray) -> Tensor:
+        """A batch sharded along its first axis when it divides among the devices, else replicated (an
+        evaluation batch at the end of a test set): either way every device computes its part."""
+        single = Tensor(np.ascontiguousarray(x, dtype=self._host_dtype), device=self.devices[0]).cast(self._dtype)
+        divides = single.ndim >= 1 and single.shape[0] >= len(self.devices) and single.shape[0] % len(self.devices) == 0
+        return single.shard(self.devices, axis=0 if divides else None).contiguous().realize()
+
+    def load_params(self, plan, params: dict) -> dict:
+        return {name: self._replicated(value) for name, value in params.items()}
+
+    def _replicated(self, value) -> Tensor:
+        single = Tensor(np.ascontiguousarray(value, dtype=self._host_dtype), device=self.devices[0]).cast(self._dtype)
+        return single.shard(self.devices).contiguous().realize()
+
+    def _scalar(self, value) -> Tensor:
+        return self._replicated(np.array([value])).reshape(())  # a replicated constant is no buffer for the JIT
+
+    def synchronize(self) -> None:
+        for device in self.devices:
+            Device[device].synchronize()
+
+    def memory(self) -> dict:
+        return {"device_memory_in_use_bytes": sum(GlobalCounters.mem_used_per_device.get(device, 0)
+                                                  for device in self.devices)}
+
+    def all_reduce_mean(self, tree: dict) -> dict:
+        return tree  # reduced already, by tinygrad's autograd through the sharded batch (see the class)
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        replicas = len(self.devices)
+        if self.sync_bn or replicas == 1:
+            return super().batch_norm_train(x, weight, bias, eps)
+        n, c, h, w = x.shape
+        grouped = x.reshape(replicas, n // replicas, c, h, w)  # axis 0 = the device: each keeps its rows
+        count = n // replicas * h * w
+        mean = grouped.mean(axis=(1, 3, 4))  # (replicas, C): each replica's own batch
+        centered = grouped - mean.reshape(replicas, 1, c, 1, 1)
+        var = (centered * centered).mean(axis=(1, 3, 4))
+        scale = weight.reshape(1, c) * (var + eps).rsqrt()
+        y = centered * scale.reshape(replicas, 1, c, 1, 1) + bias.reshape(1, 1, c, 1, 1)
+        # the running statistics follow the replicas' mean (what averaging them at a checkpoint gives)
+        return y.reshape(n, c, h, w), mean.mean(axis=0), (var * (count / (count - 1))).mean(axis=0)
+
+    def replica_hashes(self, state: dict) -> list[str]:
+        """SHA-256 of each device's own copy of ``state`` (read from its buffer, not gathered)."""
+        digests = [hashlib.sha256() for _ in self.devices]
+        for name in sorted(state):
+            buffers = state[name].contiguous().realize().uop.base.realized
+            copies = buffers.bufs if hasattr(buffers, "bufs") else [buffers] * len(self.devices)
+            for digest, buffer in zip(digests, copies):
+                digest.update(f"{name}|".encode())
+                digest.update(bytes(buffer.as_memoryview()))
+        return [digest.hexdigest() for digest in digests]

@@ -7,7 +7,10 @@ which oneDNN convolves fastest (see BENCHMARKS.md).
 
 from __future__ import annotations
 
+import copy
+import datetime
 import importlib.metadata
+import os
 
 import numpy as np
 
@@ -101,11 +104,34 @@ class Backend:
 
     # -- training --
 
+    _global_sum = None  # data parallel with --sync-bn: sums over every rank (ProcessGroup.all_sum)
+
     def batch_norm_train(self, x, weight, bias, eps):
+        if self._global_sum is not None:
+            return self._synchronized_batch_norm(x, weight, bias, eps)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
         return y, mean, var * (count / (count - 1))
+
+    def _synchronized_batch_norm(self, x, weight, bias, eps):
+        # the global batch's statistics in two passes (mean, then the centred sum of squares), summed over
+        # the ranks by an all-reduce whose backward all-reduces the gradient (as torch's SyncBatchNorm)
+        count = x.shape[0] * x.shape[2] * x.shape[3] * self._ranks
+        mean = self._global_sum(x.sum(dim=(0, 2, 3))) / count
+        centered = x - mean.view(1, -1, 1, 1)
+        var = self._global_sum((centered * centered).sum(dim=(0, 2, 3))) / count
+        scale = weight * torch.rsqrt(var + eps)
+        return centered * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), mean, var * (count / (count - 1))
+
+    def data_parallel(self, group: ProcessGroup, *, sync_bn: bool = False) -> Backend:
+        """This backend as one replica of ``group``: ``all_reduce_mean`` for the train step (one flat
+        all-reduce, as DDP's buckets), and with ``sync_bn`` batch statistics summed over every rank."""
+        variant = copy.copy(self)
+        variant.all_reduce_mean = group.all_reduce_mean
+        variant._global_sum = group.all_sum if sync_bn else None
+        variant._ranks = group.size
+        return variant
 
     def cross_entropy(self, logits, targets):
         return F.cross_entropy(logits, targets)  # soft targets: -(targets * log_softmax).sum(1).mean()
@@ -147,3 +173,73 @@ class Backend:
 
     def linear(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+
+# -- data parallel: this process as one rank of a group (portres.training.distributed) ----------------
+
+
+class ProcessGroup:
+    """This process's place in the group ``torchrun`` (or ``portres --processes``) started, on
+    ``torch.distributed`` (gloo on CPUs, NCCL on CUDA devices), and the collectives training needs.
+
+        >>> group = ProcessGroup(launcher)           # under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT
+        >>> group.sum_host(np.array([1.0]))          # array([2.])
+    """
+
+    def __init__(self, launcher, *, timeout_s: float | None = None, device: str | None = None):
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as differentiable
+
+        self._dist = dist
+        cuda = (device or "cpu").startswith("cuda")
+        self.backend = "nccl" if cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        try:
+            dist.init_process_group(self.backend, timeout=timeout)
+        except (RuntimeError, ValueError) as error:
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if "address already in use" in text.lower() or "eaddrinuse" in text.lower():
+                raise RuntimeError(f"rank {launcher.rank} cannot listen on MASTER_PORT "
+                                   f"{os.environ.get('MASTER_PORT')}: the port is in use: start with another port "
+                                   "(torchrun --master-port P; portres --port P)") from None
+            raise RuntimeError(f"torch.distributed ({self.backend}) did not start under {launcher.name}: {text}") \
+                from None
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.name = f"torch.distributed {self.backend}"
+        self.all_sum = differentiable.all_reduce  # its backward all-reduces the gradient (sync BN)
+        self._host = torch.device(f"cuda:{self.local_rank}") if cuda else torch.device("cpu")
+
+    def local_device(self, device: str | None) -> str | None:
+        if device == "cuda":  # one GPU per rank, as torchrun's LOCAL_RANK says
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def all_reduce_mean(self, tree: dict) -> dict:
+        """The mean over the ranks of every tensor in ``tree``: one all-reduce of them all, flattened."""
+        values = list(tree.values())
+        flat = torch.cat([value.reshape(-1) for value in values])
+        self._dist.all_reduce(flat)
+        flat /= self.size
+        parts = torch.split(flat, [value.numel() for value in values])
+        return {name: part.view_as(value) for (name, value), part in zip(tree.items(), parts)}
+
+    def sum_host(self, values: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.array(values, np.float64)).to(self._host)
+        self._dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def broadcast(self, data: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.array(data, np.uint8)).to(self._host)
+        self._dist.broadcast(tensor, src=0)
+        return tensor.cpu().numpy()
+
+    @staticmethod
+    def lost_peer(error: BaseException) -> bool:
+        text = str(error).lower()
+        return isinstance(error, RuntimeError) and any(mark in text for mark in (
+            "connection", "peer", "gloo", "nccl", "closed", "timed out", "timeout", "broken pipe"))
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()

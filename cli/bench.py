@@ -26,10 +26,13 @@ from .app import backend_list, load_spec, main, table
               help="tinygrad BEAM search width (kernels cached on disk; 0: off).")
 @click.option("--profile", is_flag=True, help="Also time each op kind, op by op.")
 @click.option("--train", is_flag=True, help="Time training steps (forward, backward, SGD update) instead.")
+@click.option("--processes", "process_counts",
+              help="With --train: data-parallel ranks on this machine, or a list to compare (e.g. 1,2); "
+                   "--batch is per rank.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per backend on stdout.")
 def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtype, warmup, iters, beam, profile, train,
-          seed, as_json):
+          process_counts, seed, as_json):
     """Time steady-state forward passes (or with --train, training steps): images/s, latency, first
     call, GFLOP/s, memory.
 
@@ -40,6 +43,7 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     \b
         portres bench --backend mlx --depth 50
         portres bench --train --backend all --depth 20 --batch 128
+        portres bench --train --processes 1,2 --backend mlx --depth 20 --batch 64
     """
     from portres import backends as registry
     from portres import bench as runner
@@ -53,6 +57,7 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     check_input_size(make_plan(spec), input_size)
     if profile and train:
         raise click.UsageError("--profile times inference ops; leave it out with --train")
+    counts = _process_counts(process_counts, train, backend_names)
     explicit = backend_names != "all"
     reasons = {n: registry.unavailable_reason(n, device) for n in backend_list(backend_names, include_numpy=True)}
     if explicit and any(reasons.values()):
@@ -60,10 +65,11 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
         raise ValueError(f"backend {backend!r} cannot run: {reason}")
     peak = None
     records, failures = [], []
-    for backend in (n for n, reason in reasons.items() if reason is None):
+    runs = [(n, processes) for n, reason in reasons.items() if reason is None for processes in counts]
+    for backend, processes in runs:
         config = runner.BenchConfig(backend, spec.to_dict(), device=device, batch=batch, input_size=input_size,
                                     dtype=dtype, warmup=warmup, iters=iters, seed=seed, beam=beam, profile=profile,
-                                    train=train)
+                                    train=train, processes=processes)
         try:
             record = runner.run_in_subprocess(config)
         except runner.BenchError as error:
@@ -87,9 +93,54 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
             click.echo(f"portres: skipped {failure}", err=True)
     else:
         _print_bench(spec, records, failures, peak)
+        if counts != [1]:
+            _print_scaling(records)
     if not records:
         raise ValueError("no backend could be benchmarked: " + ("; ".join(failures) or
                                                              "none is available here (see `portres backends`)"))
+
+
+def _process_counts(value: str | None, train: bool, backend_names: str) -> list[int]:
+    """``--processes 1,2`` -> [1, 2]: the rank counts to time, each on every backend asked for."""
+    if value is None:
+        return [1]
+    if not train:
+        raise click.UsageError("--processes times data-parallel training: add --train")
+    try:
+        counts = list(dict.fromkeys(int(part) for part in value.split(",") if part.strip()))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of process counts, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r}: process counts are positive integers, e.g. 1,2")
+    from portres.training.distributed import check_parallel_settings
+
+    if max(counts) > 1:
+        for backend in backend_list(backend_names, include_numpy=True):
+            check_parallel_settings(backend, processes=max(counts))
+    return counts
+
+
+def _print_scaling(records):
+    """Data-parallel rates next to one process's, per backend: what the extra processes bought."""
+    single = {r["backend"]: r["images_per_s"] for r in records if r.get("processes", 1) == 1}
+    rows = []
+    for r in records:
+        processes = r.get("processes", 1)
+        alone = single.get(r["backend"])
+        efficiency = f"{100 * r['images_per_s'] / (processes * alone):.0f}%" if alone else "-"
+        rows.append([r["backend"], processes, r.get("batch_per_rank", r["batch"]),
+                     f"{r.get('images_per_s_per_rank', r['images_per_s']):.2f}", f"{r['images_per_s']:.2f}",
+                     f"{alone and r['images_per_s'] / alone:.2f}x" if alone else "-", efficiency,
+                     f"{r['all_reduce_median_s'] * 1e3:.1f}" if "all_reduce_median_s" in r else "-",
+                     f"{100 * r['all_reduce_share_of_step']:.0f}%" if "all_reduce_share_of_step" in r else "-",
+                     f"{r['all_reduce_bytes'] / 2**20:.2f}" if "all_reduce_bytes" in r else "-"])
+    click.echo("\ndata parallel (batch per rank; efficiency = total / (processes x one process)):")
+    click.echo(table(["backend", "processes", "batch/rank", "img/s per rank", "img/s total", "speed-up", "efficiency",
+                      "all-reduce ms", "of step", "all-reduce MB"], rows, right=set(range(1, 10))))
+    engines = sorted({r["engine"] for r in records if r.get("engine")})
+    if engines:
+        click.echo(f"engines: {', '.join(engines)}; the all-reduce is timed on its own after the steps, with the "
+                   "ranks lined up first")
 
 
 def _print_bench(spec, records, failures, peak):

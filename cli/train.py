@@ -56,23 +56,44 @@ def _data_options(image_size: int | None) -> dict:
 @click.option("--stop-after", "stop_after_steps", type=click.IntRange(min=1),
               help="Stop after N steps in all (checkpointed); continue later with --resume.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors (same settings).")
+@click.option("--distributed", is_flag=True,
+              help="Be one rank of a group started by mlx.launch, mpirun or torchrun (see docs/distributed.md).")
+@click.option("--processes", type=click.IntRange(min=1),
+              help="Start N ranks on this machine (loopback; mlx or torch), each on its share of every batch.")
+@click.option("--devices", "devices", help="tinygrad: one replica per device in this process, e.g. CPU:0,CPU:1.")
+@click.option("--sync-bn", is_flag=True, help="Data parallel: BN with the global batch's statistics.")
+@click.option("--port", type=click.IntRange(min=1, max=65535),
+              help="--processes: the first loopback port of the ranks (default: free ones).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True, help="Data parallel: seconds a rank waits on the others before it gives up.")
 def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, out, epochs, batch_size,
           optimizer, lr, momentum, nesterov, weight_decay, no_decay_norms_biases, schedule, milestones, warmup_epochs,
-          label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume):
+          label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume,
+          distributed, processes, devices, sync_bn, port, timeout_s):
     """Train a network on a data set: a progress bar on stderr, OUT/metrics.jsonl (one line per
     epoch), OUT/last.safetensors and OUT/best.safetensors checkpoints, OUT/curves.png, OUT/summary.json.
 
     \b
         portres train --arch resnet20 --data digits                    # minutes on a laptop CPU
         portres train --arch resnet20 --data cifar10 --data-dir DIR --out runs/r20
+        portres train --arch resnet20 --data digits --processes 2      # 2 local ranks (MLX ring)
+        mlx.launch -n 2 -- $(which python) -m portres.cli train --arch resnet20 --distributed
+
+    Data parallel, --batch-size is the global batch: each replica trains on its share.
     """
     from portres import backends as registry
+    from portres.training import distributed as parallel
     from portres.training.loop import TrainConfig
     from portres.training.loop import train as run
 
     spec = load_spec(name, spec_file, depth)
     if reason := registry.unavailable_reason(backend, device):
         raise registry.BackendUnavailable(f"backend {backend!r} cannot run: {reason}")
+    device_list = None if devices is None else tuple(part.strip() for part in devices.split(","))
+    if port is not None and processes is None:
+        raise click.UsageError("--port chooses the loopback ports of --processes N: add --processes")
+    parallel.check_parallel_settings(backend, distributed=distributed, processes=processes, devices=device_list,
+                                     device=device, sync_bn=sync_bn)
     from_preset = spec_file is None
     config = TrainConfig(
         out=out, arch=spec.name if from_preset else None, spec=None if from_preset else spec.to_dict(), data=data,
@@ -81,13 +102,35 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         weight_decay=weight_decay, decay_norms_and_biases=not no_decay_norms_biases, schedule=schedule,
         milestones=_milestones(milestones), warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         augment=None if augment == "none" else augment, seed=seed, eval_every=eval_every, limit_train=limit_train,
-        checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps)
-    summary = run(config, resume=resume)
+        checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, distributed=distributed,
+        devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s)
+    if processes is not None and processes > 1:
+        config = config.resolved()  # bad settings fail here, once, not in every rank
+        parallel.check_batch(config.batch_size, processes, sync_bn)
+        try:
+            summary = parallel.local_training(config, processes, resume=resume, port=port)
+        except parallel.AlreadyReported:
+            sys.exit(2)  # rank 0 printed its one-line error above
+    else:
+        summary = run(config, resume=resume)
+        if summary.get("rank", 0) != 0:  # under a launcher, rank 0 speaks for all
+            return
     best = summary["best_test_top1_error"]
     state = "finished" if summary["finished"] else \
         f"stopped after step {summary['steps_done']} (continue with --resume)"
     click.echo(f"{summary['network']} on {data}: {state}; best test top-1 error "
                f"{'-' if best is None else f'{best:.4f} (accuracy {1 - best:.2%})'}; outputs in {out}")
+
+
+@main.command("_rank", hidden=True)
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+def rank(config_file):
+    """One rank of `portres train --processes N`, which starts it with the launcher's environment."""
+    from portres.training.distributed import config_from_json
+    from portres.training.loop import train as run
+
+    payload = json.loads(open(config_file).read())
+    run(config_from_json(payload["config"]), resume=payload["resume"])
 
 
 @main.command("eval")

@@ -52,6 +52,7 @@ class BenchConfig:
     beam: int = 0  # tinygrad BEAM search width (0: off)
     profile: bool = False  # also time each op kind, op by op (synchronised after every op)
     train: bool = False  # time training steps (forward, backward, SGD update) instead of inference
+    processes: int = 1  # with train: data-parallel ranks on this machine (batch is per rank)
 
 
 def _peak_rss_bytes() -> int:
@@ -164,12 +165,20 @@ def run_benchmark(config: BenchConfig) -> dict:
     from .spec import ResNetSpec
 
     spec = ResNetSpec.from_dict(config.spec)
-    progress = _Progress(f"{config.backend} {spec.name}{' training' if config.train else ''}")
+    group = None
+    if config.processes > 1:  # this process is one rank that portres.training.distributed.run_local started
+        from .training import distributed as parallel
+
+        group = parallel.join(config.backend, distributed=True, device=config.device)
+    label = f"{config.backend} {spec.name}{' training' if config.train else ''}"
+    progress = _Progress(label if group is None else f"{label}, rank {group.rank} of {group.processes}")
+    if group is not None and group.rank != 0:
+        progress = _Silent()
     module = backends.load(config.backend, config.device)
     rss_start = _peak_rss_bytes()
     started = time.perf_counter()
     if config.train:
-        timed_pass, backend, config = _training_pass(spec, config)
+        timed_pass, backend, config = _training_pass(spec, config, group)
     else:
         timed_pass, backend, config, model = _inference_pass(spec, config)
     build_s = time.perf_counter() - started
@@ -201,7 +210,13 @@ def run_benchmark(config: BenchConfig) -> dict:
         "framework": info["framework"], "blas": info.get("blas"), "threads": backend.threads,
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
     }
-    progress(f"{record['images_per_s']:.2f} images/s (median {median * 1e3:.0f} ms)", final=True)
+    if group is not None:
+        record.update(_data_parallel_record(config, group, backend, timed_pass.state, median))
+        progress(f"{record['images_per_s_per_rank']:.2f} images/s per rank, {record['images_per_s']:.2f} in all; "
+                 f"all-reduce {record['all_reduce_median_s'] * 1e3:.1f} ms", final=True)
+        group.close()
+    else:
+        progress(f"{record['images_per_s']:.2f} images/s (median {median * 1e3:.0f} ms)", final=True)
     if config.profile and not config.train:
         progress("profiling op by op ...")
         shape = (config.batch, spec.in_channels, config.input_size, config.input_size)
@@ -230,8 +245,9 @@ def _inference_pass(spec, config: BenchConfig):
     return timed_pass, backend, config, model
 
 
-def _training_pass(spec, config: BenchConfig):
-    """One SGD step (momentum 0.9, weight decay 1e-4: the CIFAR recipe) per pass, on a fixed batch."""
+def _training_pass(spec, config: BenchConfig, group=None):
+    """One SGD step (momentum 0.9, weight decay 1e-4: the CIFAR recipe) per pass, on a fixed batch; with a
+    data-parallel ``group``, this rank's step (its own batch, gradients averaged over the ranks)."""
     from .model import check_images
     from .plan import make_plan
     from .training.grads import soft_targets, training_backend
@@ -241,6 +257,9 @@ def _training_pass(spec, config: BenchConfig):
 
     plan = make_plan(spec)
     backend = training_backend(config.backend, config.device, config.dtype)
+    if group is not None:
+        backend = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
+                             sync_bn=False)
     config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
     if config.batch < 2:
         raise ValueError("training needs --batch 2 or more: train-mode batch norm normalises over the batch")
@@ -260,7 +279,53 @@ def _training_pass(spec, config: BenchConfig):
         backend.to_numpy(loss)  # the step has finished when its loss is on the host
         return time.perf_counter() - start, logits
 
+    timed_pass.state = state  # for the all-reduce timing after the steps
     return timed_pass, backend, config
+
+
+class _Silent:
+    """The progress of benchmark ranks other than 0."""
+
+    def __call__(self, message: str, final: bool = False) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def _training_macs(config: BenchConfig) -> int:
+    from .analysis import summary
+    from .spec import ResNetSpec
+
+    return 3 * summary(ResNetSpec.from_dict(config.spec), config.input_size).macs  # as run_benchmark counts a step
+
+
+def _data_parallel_record(config: BenchConfig, group, backend, state: dict, step_median_s: float) -> dict:
+    """Per-rank and total rates, and one all-reduce of what a step averages (every gradient and BN running
+    statistic) timed on its own, after the steps: a step's all-reduce is inside the step (MLX runs it in
+    the step's graph), so it is measured as its own collective on arrays of the same sizes."""
+    from .training.step import split_state
+
+    model, _ = split_state(state["arrays"])
+    tree = {name: value * 0 for name, value in model.items()}
+    sizes = [int(np.prod(tuple(value.shape))) for value in tree.values()]
+    timings = []
+    for _ in range(config.warmup + config.iters):
+        group.sum_host([0.0])  # line the ranks up, so that no rank's wait for a slower one is counted
+        start = time.perf_counter()
+        backend.realize(backend.all_reduce_mean(tree))
+        backend.synchronize()
+        timings.append(time.perf_counter() - start)
+    all_reduce = _percentile(timings[config.warmup:], 50)
+    # every rank's step time (they run in lock step, but a slow rank holds the others back)
+    medians = group.sum_host(np.eye(group.processes)[group.rank] * step_median_s)
+    slowest = float(medians.max())
+    return {"processes": group.processes, "engine": group.engine.name, "batch_per_rank": config.batch,
+            "step_median_s_per_rank": [float(m) for m in medians], "images_per_s_per_rank": config.batch / slowest,
+            "images_per_s": group.processes * config.batch / slowest, "all_reduce_median_s": all_reduce,
+            "gflop_per_s": group.processes * config.batch / slowest * 2 * _training_macs(config) / 1e9,
+            "all_reduce_bytes": int(sum(sizes)) * np.dtype(backend.dtype).itemsize,
+            "all_reduce_share_of_step": all_reduce / slowest}
 
 
 # -- parent side --------------------------------------------------------------------------------
@@ -274,8 +339,11 @@ RESULT_PREFIX = "PORTRES-BENCH-RESULT "  # marks the child's one result line on 
 
 
 def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict:
-    """Run :func:`run_benchmark` in a fresh interpreter; returns its record or raises BenchError."""
+    """Run :func:`run_benchmark` in a fresh interpreter (``config.processes`` of them, as the ranks of a
+    data-parallel group on this machine); returns its (rank 0's) record or raises BenchError."""
     command = [sys.executable, "-m", "portres.bench", json.dumps(dataclasses.asdict(config))]
+    if config.processes > 1:
+        return _run_ranks(command, config)
     try:
         child = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -287,6 +355,24 @@ def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict
     if not lines:
         raise BenchError(f"{config.backend}: the benchmark process exited with status {child.returncode} "
                          "and no result (see the messages above)")
+    record = json.loads(lines[-1])
+    if "error" in record:
+        raise BenchError(f"{config.backend}: {record['error']}")
+    return record
+
+
+def _run_ranks(command: list[str], config: BenchConfig) -> dict:
+    from .training import distributed as parallel
+
+    try:
+        stdout = parallel.run_local(command, config.processes, config.backend, stdout=subprocess.PIPE).stdout
+    except parallel.DistributedError as error:
+        stdout = getattr(error, "stdout", None) or ""
+        if RESULT_PREFIX + '{"error"' not in stdout:  # rank 0's own error says more than how the ranks ended
+            raise BenchError(f"{config.backend} with {config.processes} processes: {error}") from None
+    lines = [line[len(RESULT_PREFIX):] for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise BenchError(f"{config.backend}: rank 0 exited without a result (see the messages above)")
     record = json.loads(lines[-1])
     if "error" in record:
         raise BenchError(f"{config.backend}: {record['error']}")
@@ -341,6 +427,9 @@ def _main(argv: list[str]) -> int:
         if os.environ.get("PORTRES_DEBUG"):
             traceback.print_exc(file=sys.stderr)
     print(RESULT_PREFIX + json.dumps(record), flush=True)
+    if config.processes > 1 and "error" in record:  # a failed rank must end the group, not wait on it
+        print(f"portres: error: {record['error']}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -10,6 +10,9 @@ epoch and every ``checkpoint_every`` steps) holds everything needed to resume ex
 ``OUT/best.safetensors`` the weights with the lowest test error. A run resumed with
 ``resume=True`` produces the same weights as one that was never interrupted (on backends
 that compute deterministically: see README, "Training").
+
+Data parallel (``distributed``, ``devices``; :mod:`portres.training.distributed`): each replica
+trains on its slice of every global batch of ``batch_size`` images; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..plan import Plan, make_plan, run_plan
 from ..spec import ResNetSpec
 from ..weights import init_params
 from ..zoo import resolve
+from . import distributed as parallel
 from .checkpoint import CheckpointError, load_checkpoint, read_description, save_checkpoint
 from .grads import check_hyperparameters, soft_targets, training_backend
 from .optim import SGD, AdamW, no_decay_for_norms_and_biases
@@ -85,6 +89,10 @@ class TrainConfig:
     limit_train: int | None = None  # train on the first N images only (quick runs)
     checkpoint_every: int | None = None  # also checkpoint every N steps (besides every epoch)
     stop_after_steps: int | None = None  # stop (checkpointed) after this many steps in all; resume later
+    distributed: bool = False  # this process is one rank of a group a launcher started (mlx.launch, torchrun)
+    devices: tuple[str, ...] | None = None  # tinygrad: one replica per device, all in this process
+    sync_bn: bool = False  # BN normalises with the global batch's statistics, not each replica's own
+    timeout_s: float = parallel.DEFAULT_TIMEOUT_S  # how long a rank waits on the others before it gives up
 
     def resolved(self) -> TrainConfig:
         """This config with the recipe's defaults filled in and every field checked."""
@@ -123,14 +131,21 @@ class TrainConfig:
                                 f"(0, {self.epochs})")
         if self.warmup_epochs >= self.epochs:
             raise TrainingError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise TrainingError(f"timeout_s={self.timeout_s!r} must be a number of seconds > 0")
         try:
             check_hyperparameters(self.label_smoothing, self.bn_momentum)
+            parallel.check_parallel_settings(self.backend, distributed=self.distributed, devices=self.devices,
+                                             device=self.device, sync_bn=self.sync_bn)
+            if self.devices is not None:
+                parallel.check_batch(self.batch_size, len(self.devices), self.sync_bn)
         except ValueError as error:
             raise TrainingError(str(error)) from None
 
     def recipe(self) -> dict:
         """The fields a resumed run must share with the run it continues (where and how fast may differ)."""
-        where = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "data_dir", "eval_every"}
+        where = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "data_dir", "eval_every",
+                 "distributed", "devices", "sync_bn", "timeout_s"}  # any number of replicas continues a run
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in where}
 
 
@@ -175,13 +190,16 @@ def make_lr_schedule(config: TrainConfig, per_epoch: int):
     return make_schedule(config.schedule, config.lr, total, milestones, round(config.warmup_epochs * per_epoch))
 
 
-def evaluate(plan: Plan, lowering, params: dict, images: np.ndarray, labels: np.ndarray, mean, std,
-             batch_size: int = 256, forward=None) -> dict:
-    """Eval-mode (running BN statistics) loss and top-1/top-5 error on ``images``; ``forward`` may be
-    a compiled ``(params, x) -> logits`` to reuse between calls."""
+def evaluation_sums(plan: Plan, lowering, params: dict, images: np.ndarray, labels: np.ndarray, mean, std,
+                    batch_size: int = 256, forward=None) -> np.ndarray:
+    """``[summed loss, top-1 misses, top-5 misses, images]`` of eval-mode (running BN statistics) logits on
+    ``images``: sums, so that shares of a test set evaluated apart add up. ``forward`` may be a compiled
+    ``(params, x) -> logits`` to reuse between calls."""
     forward = forward or lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
     total_loss, top1, top5, count = 0.0, 0, 0, 0
     num_classes = plan.spec.num_classes
+    if len(labels) == 0:  # a process whose share of a small test set is empty
+        return np.zeros(4)
     with datasets.batches(images, labels, batch_size, mean=mean, std=std, prefetch=0) as batches:
         for x, y in batches:
             logits = np.asarray(lowering.to_numpy(forward(params, lowering.from_numpy(x))), np.float64)
@@ -192,6 +210,15 @@ def evaluate(plan: Plan, lowering, params: dict, images: np.ndarray, labels: np.
             top1 += int((ranked[:, 0] != y).sum())
             top5 += int((ranked[:, :min(5, num_classes)] != y[:, None]).all(1).sum())
             count += len(y)
+    return np.array([total_loss, top1, top5, count], np.float64)
+
+
+def evaluate(plan: Plan, lowering, params: dict, images: np.ndarray, labels: np.ndarray, mean, std,
+             batch_size: int = 256, forward=None) -> dict:
+    """Eval-mode (running BN statistics) loss and top-1/top-5 error on ``images``; ``forward`` may be
+    a compiled ``(params, x) -> logits`` to reuse between calls."""
+    total_loss, top1, top5, count = evaluation_sums(plan, lowering, params, images, labels, mean, std, batch_size,
+                                                    forward)
     return {"loss": total_loss / count, "top1_error": top1 / count, "top5_error": top5 / count}
 
 
@@ -226,44 +253,78 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> dict:
     """Run (or continue, with ``resume``) the training ``config`` describes; returns the summary."""
     config = config.resolved()
-    progress = progress or Progress()
+    group = parallel.join(config.backend, distributed=config.distributed, devices=config.devices,
+                          device=config.device, timeout_s=config.timeout_s)
+    try:
+        return _train(config, group, resume, (progress or Progress()) if group.is_writer else Silent())
+    finally:
+        group.close()
+
+
+class Silent:
+    """The progress of ranks other than 0: they train in step with rank 0 and say nothing."""
+
+    def update(self, text: str, final: bool = False) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress) -> dict:
     out = Path(config.out)
+    try:
+        parallel.check_batch(config.batch_size, group.replicas, config.sync_bn)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     dataset = load_data(config)
     spec = network_for(config, dataset)
     plan = make_plan(spec)
-    lowering = training_backend(config.backend, config.device, config.dtype)
+    lowering = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
+                          config.sync_bn)
     optimizer = make_optimizer(config)
     per_epoch = steps_per_epoch(config, len(dataset.train_labels))
     schedule = make_lr_schedule(config, per_epoch)
     dtype = np.dtype(lowering.dtype)
+    # ranks started with other settings would train different models in lock step: refuse at once
+    group.agree({"network": spec.to_dict(), "seed": config.seed, "recipe": {**config.recipe(), "seed": None},
+                 "resume": resume, "backend": [config.backend, lowering.dtype], "sync_bn": config.sync_bn,
+                 "portres version": parallel.portres_version()})
 
-    position = {"epoch": 0, "batch": 0, "step": 0, "epoch_sums": _empty_sums(), "best_test_top1_error": None}
-    metrics: list[dict] = []
-    if resume and (out / LAST).exists():
-        numpy_state, description = load_checkpoint(out / LAST)
-        _check_resumable(out / LAST, description, config, spec, optimizer)
-        position, metrics = description["position"], description["metrics"]
-        model, slots = split_state(numpy_state)
-        state = initial_state(plan, lowering, model, optimizer, slots)
-        progress.note(f"resuming {out / LAST}: epoch {position['epoch'] + 1}, step {position['step']}")
-    else:
-        if resume:
-            progress.note(f"nothing to resume in {out}: starting afresh")
+    def starting_point():  # rank 0 decides; every other rank receives the same arrays and position
+        if resume and (out / LAST).exists():
+            numpy_state, description = load_checkpoint(out / LAST)
+            _check_resumable(out / LAST, description, config, spec, optimizer)
+            return numpy_state, {"position": description["position"], "metrics": description["metrics"],
+                                 "note": f"resuming {out / LAST}: epoch {description['position']['epoch'] + 1}, "
+                                         f"step {description['position']['step']}"}
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
-        state = initial_state(plan, lowering, init_params(plan, config.seed), optimizer)
+        fresh = {"epoch": 0, "batch": 0, "step": 0, "epoch_sums": _empty_sums(), "best_test_top1_error": None}
+        return init_params(plan, config.seed), {"position": fresh, "metrics": [],
+                                                "note": f"nothing to resume in {out}: starting afresh" if resume else
+                                                None}
+
+    numpy_state, start = group.share_from_writer(starting_point)
+    position, metrics = start["position"], start["metrics"]
+    model, slots = split_state(numpy_state)
+    state = initial_state(plan, lowering, model, optimizer, slots or None)  # fresh slots when starting afresh
+    if start["note"]:
+        progress.note(start["note"])
     progress.note(f"{spec.name} ({sum(np.prod(s) for s, t in plan.param_shapes().values() if t):,} parameters) on "
-                  f"{config.backend} {lowering.device} {lowering.dtype}; {config.data}: "
+                  f"{config.backend} {lowering.device} {lowering.dtype}"
+                  f"{'' if group.replicas == 1 else f', {group.description}'}; {config.data}: "
                   f"{len(dataset.train_labels):,} training / {len(dataset.test_labels):,} test images; "
                   f"{config.epochs} epochs of {per_epoch} steps")
 
     step_fn = make_train_step(plan, lowering, optimizer, bn_momentum=config.bn_momentum)
     eval_forward = lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
+    where_to_continue = lambda: parallel.checkpoint_hint(out) if group.is_writer else ""  # noqa: E731
 
     def checkpoint(path: Path, finished_epoch: bool) -> None:
         description = {"spec": spec.to_dict(), "config": config.recipe(), "optimizer": optimizer.config(),
                        "backend": config.backend, "dtype": lowering.dtype, "position": position, "metrics": metrics,
-                       "finished_epoch": finished_epoch}
+                       "finished_epoch": finished_epoch, "replicas": group.replicas}
         numpy_state = state_to_numpy(lowering, state)
         broken = [name for name, value in numpy_state.items() if not np.isfinite(value).all()]
         if broken:  # the loss was still finite, but the weights or statistics have overflowed
@@ -274,7 +335,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
                 f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add --warmup-epochs")
         if path.name == BEST:
             numpy_state = split_state(numpy_state)[0]
-        save_checkpoint(path, numpy_state, description)
+        if group.is_writer:
+            save_checkpoint(path, numpy_state, description)
 
     started = time.monotonic()
     stopped_early = False
@@ -287,21 +349,26 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
                               drop_last=True, start_batch=position["batch"]) as batches:
             for images, labels in batches:
                 lr = schedule(position["step"])
+                mine = group.local_rows(len(labels))  # this process's slice of the global batch
+                images, labels = images[mine], labels[mine]
                 targets = soft_targets(labels, spec.num_classes, config.label_smoothing, dtype)
-                state, loss, logits = step_fn(state, lowering.from_numpy(images), lowering.from_numpy(targets), lr,
-                                              position["step"] + 1)
-                loss = float(lowering.to_numpy(loss))
+                with group.collective(f"step {position['step'] + 1}", where_to_continue):
+                    state, loss, logits = step_fn(state, lowering.from_numpy(images), lowering.from_numpy(targets),
+                                                  lr, position["step"] + 1)
+                    wrong = int((np.asarray(lowering.to_numpy(logits)).argmax(1) != labels).sum())
+                    loss_sum, wrong, seen = group.sum_host([float(lowering.to_numpy(loss)) * len(labels), wrong,
+                                                            len(labels)])
+                loss, wrong, seen = loss_sum / seen, int(wrong), int(seen)  # over the global batch
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"training diverged at step {position['step'] + 1} (epoch {epoch + 1}, lr {lr:.4g}): the "
                         f"loss is {loss}. The last good checkpoint is {out / LAST}"
                         f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add "
                         "--warmup-epochs, then start again (or --resume to continue from it)")
-                wrong = int((np.asarray(lowering.to_numpy(logits)).argmax(1) != labels).sum())
                 position["step"] += 1
                 position["batch"] += 1
-                sums.update(loss=sums["loss"] + loss * len(labels), wrong=sums["wrong"] + wrong,
-                            seen=sums["seen"] + len(labels), seconds=time.monotonic() - epoch_started, lr=lr)
+                sums.update(loss=sums["loss"] + loss_sum, wrong=sums["wrong"] + wrong,
+                            seen=sums["seen"] + seen, seconds=time.monotonic() - epoch_started, lr=lr)
                 rate = sums["seen"] / max(sums["seconds"], 1e-9)
                 left = (per_epoch - position["batch"]) * config.batch_size / rate
                 progress.update(f"epoch {epoch + 1}/{config.epochs} step {position['batch']}/{per_epoch} "
@@ -322,13 +389,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         last_epoch = epoch + 1 == config.epochs
         if (epoch + 1) % config.eval_every == 0 or last_epoch:
             model, _ = split_state(state)
-            result = evaluate(plan, lowering, model, dataset.test_images, dataset.test_labels, dataset.mean,
-                              dataset.std, forward=eval_forward)
-            record.update(test_loss=result["loss"], test_top1_error=result["top1_error"],
-                          test_top5_error=result["top5_error"])
+            mine = group.local_rows(len(dataset.test_labels))  # the test set is shared out among the processes
+            with group.collective(f"the evaluation after epoch {epoch + 1}", where_to_continue):
+                totals = group.sum_host(evaluation_sums(plan, lowering, model, dataset.test_images[mine],
+                                                        dataset.test_labels[mine], dataset.mean, dataset.std,
+                                                        forward=eval_forward))
+            loss_sum, top1, top5, count = totals
+            record.update(test_loss=loss_sum / count, test_top1_error=top1 / count, test_top5_error=top5 / count)
         metrics.append(record)
-        with open(out / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(record) + "\n")
+        if group.is_writer:
+            with open(out / "metrics.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
         test = "" if record["test_top1_error"] is None else \
             f", test error {record['test_top1_error']:.4f} (top-5 {record['test_top5_error']:.4f})"
         progress.update(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, train error "
@@ -351,6 +422,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
                "best_test_top1_error": position["best_test_top1_error"],
                "final": metrics[-1] if metrics else None, "seconds_this_run": time.monotonic() - started,
                "config": dataclasses.asdict(config)}
+    if group.replicas > 1:  # every replica's copy of the final state, hashed where it lives: all equal
+        summary.update(replicas=group.replicas, processes=group.processes, rank=group.rank, sync_bn=config.sync_bn,
+                       replica_state_sha256=group.replica_hashes(lowering, state))
+        if len(set(summary["replica_state_sha256"])) > 1:
+            progress.note("warning: the replicas' final states differ (see replica_state_sha256 in summary.json)")
+    if not group.is_writer:
+        return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_note = write_curves(out / "curves.png", metrics, f"{spec.name} on {config.data} ({config.backend})")
     if plot_note:

@@ -9,6 +9,12 @@ place; torch and NumPy run it as is).
     >>> step = make_train_step(plan, backend, SGD(momentum=0.9))
     >>> state = initial_state(plan, backend, params, optimizer)
     >>> state, loss, logits = step(state, images, targets, 0.1, 1)
+
+Data parallel, one more step sits between the gradients and the optimiser: a backend prepared by
+``portres.training.distributed`` has ``all_reduce_mean(tree)``, which averages the gradients and
+the BN running statistics over the replicas (averaging the statistics at every step equals
+averaging them at each checkpoint, since PyTorch's update rule is linear, and keeps every replica
+identical). The loss and logits returned are this replica's.
 """
 
 from __future__ import annotations
@@ -49,12 +55,18 @@ def make_train_step(plan: Plan, lowering, optimizer, *, bn_momentum: float = 0.1
     """
     compute = gradient_function(plan, lowering, bn_momentum=bn_momentum)
     names = trainable_names(plan)
+    # data parallel (portres.training.distributed): the backend averages a tree over the replicas
+    average = getattr(lowering, "all_reduce_mean", None)
 
     def step(state, images, targets, lr, count):
         model, slots = split_state(state)
         trainable = {name: model[name] for name in names}
         buffers = {name: value for name, value in model.items() if name not in trainable}
         loss, logits, running_stats, grads = compute(trainable, buffers, images, targets)
+        if average is not None:  # every replica applies the mean gradient and keeps the mean running statistics
+            averaged = average({**grads, **running_stats})
+            grads = {name: averaged[name] for name in grads}
+            running_stats = {name: averaged[name] for name in running_stats}
         updated, slots = optimizer.update(trainable, grads, slots, lr, count)
         return {**updated, **running_stats, **{TRAINING_STATE + key: v for key, v in slots.items()}}, loss, logits
 
