@@ -88,7 +88,7 @@ def plot_gradflow(path, flows: list[dict]) -> str | None:
     titles = [("block (input side first)", "‖∂loss/∂(block input)‖", "gradient at each block's input"),
               ("block (0 = the image)", "correlation of neighbours' gradients",
                "shattered gradients: gradient correlation along a line of inputs"),
-              ("3x3 conv layer", "std of the response after BN", "layer responses (He et al. 2015, Fig. 7)"),
+              ("3x3 conv layer", "std of the response (v1: after its BN)", "layer responses (He et al. 2015, Fig. 7)"),
               ("position t on the line", "∂f/∂x at one pixel (scaled)", "the input gradient along the line")]
     for axis, (x_label, y_label, title) in zip(axes.flat, titles):
         axis.set_xlabel(x_label)
