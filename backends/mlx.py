@@ -510,7 +510,8 @@ class ProcessGroup:
         except RuntimeError as error:
             text = str(error)
             if "bind" in text.lower():
-                raise RuntimeError(f"rank {launcher.rank} cannot listen on {launcher.address or 'its address'}: the port "
+                where = launcher.address or "its address"
+                raise RuntimeError(f"rank {launcher.rank} cannot listen on {where}: the port "
                                    "is in use (another program, or a run that has not ended): start with another "
                                    "port (mlx.launch --starting-port P; portres --port P)") from None
             raise RuntimeError(f"MLX's {backend} backend did not start under {launcher.name} ({text}); "

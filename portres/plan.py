@@ -525,6 +525,79 @@ def fold_batch_norm(plan: Plan, params: dict) -> tuple[Plan, dict]:
     return dataclasses.replace(plan, ops=tuple(ops)), new_params
 
 
+def delete_blocks(plan: Plan, blocks) -> Plan:
+    """The plan with the named blocks (``"layer2.3"``) deleted: the lesion rewrite (Veit et al. 2016).
+
+    A *residual* block loses its residual branch and becomes its shortcut: ``relu(x + F(x))``
+    becomes ``relu(shortcut(x))`` in v1 (identity, option-A padding or projection, whatever the
+    block has; the ReLU after the addition stays, and on an identity shortcut of a post-ReLU
+    input it changes nothing), ``x + F(x)`` becomes ``shortcut(x)`` in v2 (a v2 projection keeps
+    the BN-ReLU it reads). This computes what the network computes with that branch's output
+    zeroed. A *plain* block (no shortcut) is deleted whole - its convs, norms and ReLUs - and
+    its output becomes its input, which is possible only where the block keeps the shape
+    (stride 1, as many channels out as in); deleting a block that changes it raises
+    ``ValueError``. Deleted ops' parameters are no longer part of the plan; value names of the
+    remaining ops are unchanged, so features and per-op values line up with the intact plan.
+
+        >>> lesioned = delete_blocks(make_plan("resnet56"), ["layer1.3", "layer3.0"])
+        >>> sum(op.kind == "add" for op in lesioned.ops)
+        25
+    """
+    if isinstance(blocks, str):
+        blocks = [blocks]
+    names = _block_names(plan)
+    wanted = list(dict.fromkeys(blocks))
+    unknown = [block for block in wanted if block not in names]
+    if unknown:
+        listed = f"{names[0]} ... {names[-1]}" if len(names) > 4 else ", ".join(names)
+        raise ValueError(f"{plan.spec.name} has no block {unknown[0]!r}; its blocks are {listed} "
+                         f"(layerS.B: stage S from 1, block B from 0)" if names else
+                         f"{plan.spec.name} has no blocks to delete")
+    ops = list(plan.ops)
+    alias: dict[str, str] = {}  # deleted value -> the value that now stands for it
+    removable: set[str] = set()  # op names that go once nothing reads them
+    for block in wanted:
+        members = [op for op in ops if op.name.startswith(block + ".")]
+        add = next((op for op in members if op.kind == "add"), None)
+        if add is not None:  # residual: the add's output becomes the shortcut value (its second input)
+            alias[add.output] = add.inputs[1]
+            ops.remove(add)
+            removable.update(op.name for op in members if op is not add)
+            continue
+        produced = {op.output for op in members}
+        entry = next(name for op in members for name in op.inputs if name not in produced)
+        convs = [op.layer for op in members if op.kind == "conv2d"]
+        if any(conv.stride != 1 for conv in convs) or convs[0].in_channels != convs[-1].out_channels:
+            raise ValueError(f"cannot delete the plain block {block} of {plan.spec.name}: it changes the shape "
+                             f"({convs[0].in_channels} -> {convs[-1].out_channels} channels, stride "
+                             f"{max(conv.stride for conv in convs)}), so nothing can stand in for it; delete a block "
+                             "that keeps the shape")
+        alias[members[-1].output] = entry
+        for op in members:
+            ops.remove(op)
+    resolve = lambda value: resolve(alias[value]) if value in alias else value  # noqa: E731
+    ops = [dataclasses.replace(op, inputs=tuple(resolve(v) for v in op.inputs)) for op in ops]
+    features = tuple((name, resolve(value)) for name, value in plan.features)
+    output = resolve(plan.output)
+    while True:  # drop branch ops nothing reads any more (a v2 projection still reads its block's BN-ReLU)
+        read = {value for op in ops for value in op.inputs} | {value for _, value in features} | {output}
+        dead = [op for op in ops if op.name in removable and op.output not in read]
+        if not dead:
+            break
+        ops = [op for op in ops if op not in dead]
+    return dataclasses.replace(plan, ops=tuple(ops), features=features, output=output)
+
+
+def _block_names(plan: Plan) -> list[str]:
+    """``layerS.B`` of every block, in plan order."""
+    names: dict[str, None] = {}
+    for op in plan.ops:
+        parts = op.name.split(".")
+        if len(parts) > 2 and parts[0].startswith("layer"):
+            names[f"{parts[0]}.{parts[1]}"] = None
+    return list(names)
+
+
 # -- the walker ----------------------------------------------------------------------------
 
 

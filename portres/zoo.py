@@ -43,7 +43,9 @@ KERAS_V2_STRIDES = (2, 2, 2, 1)
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     spec: ResNetSpec  # the architecture
-    family: str  # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "keras", "cifar", "plain"
+    # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "keras", "cifar", "cifar_v2",
+    # "plain"
+    family: str  # the preset's family (listed above)
     description: str  # one line for `portres list`
 
 
@@ -134,6 +136,41 @@ def cifar_resnet(depth: int, *, name: str | None = None, **knobs) -> ResNetSpec:
     )
 
 
+CIFAR_PREACT_DEPTHS = (20, 32, 44, 56, 110)  # pre-activation basic blocks, 6n+2
+CIFAR_PREACT_BOTTLENECK_DEPTHS = (164, 1001)  # pre-activation bottlenecks, 9n+2 (He et al. 2016, section 4)
+
+
+def cifar_preact_resnet(depth: int, *, bottleneck: bool = False, name: str | None = None, **knobs) -> ResNetSpec:
+    """A pre-activation CIFAR ResNet ("Identity mappings in deep residual networks", He et al. 2016).
+
+    Basic blocks: depth 6n+2 (resnetv2_20 ... resnetv2_110), widths 16/32/64, option-A shortcuts
+    like the original CIFAR nets. Bottlenecks: depth 9n+2 (resnetv2_164, resnetv2_1001), inner
+    widths 16/32/64 and outputs 4x (64/128/256), the stride on the first 1x1 and 1x1 projection
+    shortcuts where the shape changes, as the authors' code (KaimingHe/resnet-1k-layers). Both
+    start with one bare 3x3 conv and end with BN-ReLU, global average pooling and the classifier.
+
+        >>> cifar_preact_resnet(1001, bottleneck=True).stages[0]
+        StageSpec(blocks=111, width=16, stride=1)
+    """
+    per_block = 9 if bottleneck else 6
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_block + 2 or (depth - 2) % per_block:
+        examples = "164, 1001" if bottleneck else "20, 56, 110"
+        raise SpecError(f"depth={depth!r} must be {per_block}n+2 with n >= 1 ({examples}, ...)")
+    blocks = (depth - 2) // per_block
+    knobs = {"num_classes": 10, **knobs}
+    if bottleneck:
+        knobs = {"shortcut": "B", "bottleneck_stride_at": "1x1", **knobs}
+    else:
+        knobs = {"shortcut": "A", **knobs}
+    return ResNetSpec(
+        name=name or f"resnetv2_{depth}",
+        block="preact_bottleneck" if bottleneck else "preact_basic",
+        stem=StemSpec(kind="cifar", width=16, max_pool=False),
+        stages=(StageSpec(blocks, 16, 1), StageSpec(blocks, 32, 2), StageSpec(blocks, 64, 2)),
+        **knobs,
+    )
+
+
 def _register_defaults() -> None:
     for depth in IMAGENET_DEPTHS:
         register(resnet(depth), "resnet", f"ResNet-{depth} (torchvision, v1.5)")
@@ -172,6 +209,15 @@ def _register_defaults() -> None:
     for depth in (20, 32, 44, 56, 110):
         register(cifar_resnet(depth, name=f"plain{depth}", residual=False), "plain",
                  f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts")
+    for depth in CIFAR_DEPTHS:  # the plain twin of every CIFAR depth (1202 was missing)
+        if f"plain{depth}" not in _REGISTRY:
+            register(cifar_resnet(depth, name=f"plain{depth}", residual=False), "plain",
+                     f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts")
+    for depth in CIFAR_PREACT_DEPTHS:
+        register(cifar_preact_resnet(depth), "cifar_v2", f"CIFAR pre-activation ResNet-{depth}, option A shortcuts")
+    for depth in CIFAR_PREACT_BOTTLENECK_DEPTHS:
+        register(cifar_preact_resnet(depth, bottleneck=True), "cifar_v2",
+                 f"CIFAR pre-activation ResNet-{depth}, bottlenecks 16/32/64 x4, projection shortcuts")
 
 
 _register_defaults()

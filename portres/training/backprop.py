@@ -13,7 +13,7 @@ read by several ops (a block's input feeds its convs and its shortcut). Written 
 
 from __future__ import annotations
 
-from ..plan import Op, Plan
+from ..plan import INPUT, Op, Plan
 
 
 def backward_op(primitives, op: Op, args: list, grad, params: dict) -> tuple[list, dict]:
@@ -52,17 +52,25 @@ def backward_op(primitives, op: Op, args: list, grad, params: dict) -> tuple[lis
     raise NotImplementedError(f"no backward for op kind {kind!r} (training runs unfolded plans)")
 
 
-def backward(plan: Plan, primitives, params: dict, values: dict, grad_output) -> dict:
-    """Gradients of every trainable parameter, given every forward value and the output's gradient."""
+def backward(plan: Plan, primitives, params: dict, values: dict, grad_output, value_grads: dict | None = None) -> dict:
+    """Gradients of every trainable parameter, given every forward value and the output's gradient.
+
+    ``value_grads``, if given, names values (its keys; ``INPUT`` too) whose gradients are wanted:
+    each is set to the value's total gradient (``None`` if none reaches it).
+    """
     pending = {plan.output: grad_output}  # value name -> gradient accumulated so far
     grads: dict = {}
     for op in reversed(plan.ops):
         grad = pending.pop(op.output, None)
+        if value_grads is not None and op.output in value_grads:
+            value_grads[op.output] = grad
         if grad is None:  # nothing downstream depends on this value
             continue
         input_grads, param_grads = backward_op(primitives, op, [values[name] for name in op.inputs], grad, params)
         for name, input_grad in zip(op.inputs, input_grads):
             pending[name] = pending[name] + input_grad if name in pending else input_grad
         grads.update(param_grads)
+    if value_grads is not None and INPUT in value_grads:
+        value_grads[INPUT] = pending.get(INPUT)
     trainable = [name for name, (_, is_trainable) in plan.param_shapes().items() if is_trainable]
     return {name: grads[name] for name in trainable}
