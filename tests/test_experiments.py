@@ -33,6 +33,9 @@ FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
 # runs one gradient test and two lesion checks; PORTRES_FULL_ZOO=1 runs it everywhere (as tests/test_gradients.py)
 FULL = os.environ.get("PORTRES_FULL_ZOO") == "1"
 QUICK_FRAMEWORKS = [name for name in FRAMEWORKS if FULL or name != "tinygrad"]
+# gradients: every framework but the inference-only ones (onnxruntime)
+TRAINING_FRAMEWORKS = [name for name in FRAMEWORKS if name in backends.TRAINABLE]
+QUICK_TRAINING_FRAMEWORKS = [name for name in QUICK_FRAMEWORKS if name in backends.TRAINABLE]
 CIFAR_STEM = StemSpec(kind="cifar", width=4, max_pool=False)
 TINY = {  # every block kind and shortcut the lesion rewrite meets, at a few hundred parameters
     "v1_basic_A": ResNetSpec(name="v1_basic_A", block="basic", shortcut="A", stem=CIFAR_STEM,
@@ -177,7 +180,7 @@ def test_value_gradients_match_finite_differences_on_the_reference():
         assert numeric == pytest.approx(float((result.value_grads[value] * direction).sum()), rel=1e-5)
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", TRAINING_FRAMEWORKS)
 def test_probe_gradients_equal_the_reference_walkers(backend):
     spec = ResNetSpec(name="two_blocks", block="preact_basic", shortcut="A", stem=CIFAR_STEM,
                       stages=(StageSpec(1, 4, 1), StageSpec(1, 8, 2)), num_classes=5)
@@ -207,7 +210,7 @@ def test_neighbour_correlation():
     assert abs(neighbour_correlation(np.random.default_rng(1).standard_normal((200, 400)))) < 0.02
 
 
-@pytest.mark.parametrize("backend", QUICK_FRAMEWORKS)
+@pytest.mark.parametrize("backend", QUICK_TRAINING_FRAMEWORKS)
 def test_gradflow_numbers_agree_across_backends(backend):
     options = dict(batch=3, input_size=SIZE, line_points=4, seed=2)
     numbers = []
@@ -253,7 +256,7 @@ def test_gradflow_refuses_bad_settings(kwargs, message):
 # -- paths -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", QUICK_FRAMEWORKS)
+@pytest.mark.parametrize("backend", QUICK_TRAINING_FRAMEWORKS)
 def test_path_gradients_agree_across_backends(backend):
     spec = TINY["v1_basic_A"]
     plan = make_plan(spec)

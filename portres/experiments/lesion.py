@@ -224,8 +224,11 @@ def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=
         note(f"{spec.name}: {k} of {len(deletable)} blocks deleted: mean test error {random_rows[-1]['mean']:.4f}")
     paths = {}
     if any(block.add is not None for block in network_blocks(plan)):
-        note(f"{spec.name}: gradient per path length ({path_samples} paths per length, batch {path_batch})")
-        training = training_backend(backend, device)
+        # an inference engine (onnxruntime) has no gradients: the float64 reference computes them instead
+        gradient_backend, gradient_device = (backend, device) if backend in backends.TRAINABLE else ("numpy", None)
+        note(f"{spec.name}: gradient per path length ({path_samples} paths per length, batch {path_batch}, "
+             f"on {gradient_backend})")
+        training = training_backend(gradient_backend, gradient_device)
         images = datasets.normalize(dataset.train_images[:path_batch], dataset.mean, dataset.std)
         paths = path_gradients(plan, training, training.load_params(plan, params), images,
                                np.asarray(dataset.train_labels[:path_batch]), samples=path_samples, seed=seed)
