@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps bench test test-fast lint matrix clean
+.PHONY: setup system-deps bench test test-full test-fast lint matrix clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# every zoo entry on every backend (tinygrad too): about an hour on 2 cores
+test-full: setup
+	PORTRES_FULL_ZOO=1 $(BIN)/python -m pytest -q
 
 # the inner loop: the reference, one small network per framework, the mechanics (tests/conftest.py)
 test-fast: setup
