@@ -37,6 +37,12 @@ def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None
     if platform.system() != "Linux":
         return None, None, "Accelerate (macOS)" if platform.system() == "Darwin" else "the BLAS bundled with mlx"
     if "mlx.core" in sys.modules:
+        import warnings
+
+        warnings.warn("mlx.core was imported before portres.backends.mlx, so portres could not load an optimized "
+                      "BLAS for it: MLX may run on its bundled reference BLAS, up to 50x slower on CPU. Fix: import "
+                      "portres.backends.mlx (or call portres.build) before importing mlx.", _blas.BundledBlasWarning,
+                      stacklevel=3)
         return None, None, ("unknown: mlx.core was imported before portres.backends.mlx, so OpenBLAS could not be "
                             "preloaded (import portres.backends.mlx first)")
     try:

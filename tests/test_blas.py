@@ -310,3 +310,14 @@ def test_scipy_openblas32_works_through_a_compiled_shim(tmp_path):
                               "print([hasattr(s, 'cblas_' + n) for n in ('sgemm', 'dgemm', 'cgemm')])"],
                              capture_output=True, text=True, check=True).stdout
     assert symbols.strip() == "[True, True, True]"
+
+
+def test_importing_mlx_first_warns_that_no_blas_could_be_loaded_for_it():
+    pytest.importorskip("mlx.core")
+    if sys.platform != "linux":
+        pytest.skip("the BLAS is preloaded on Linux only")
+    code = "import warnings; warnings.simplefilter('always')\nimport mlx.core\nimport portres.backends.mlx"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "mlx.core was imported before portres.backends.mlx" in done.stderr
+    assert "import portres.backends.mlx (or call portres.build) before importing mlx" in done.stderr
