@@ -190,7 +190,8 @@ def _print_comparison(flows: list[dict]) -> None:
 @click.option("--data", default="digits", show_default=True, help="The data set whose test split is used.")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
 @click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
-@click.option("--backend", default="mlx", show_default=True, help="numpy, tinygrad, mlx or torch.")
+@click.option("--backend", default="mlx", show_default=True,
+              help="numpy, tinygrad, mlx, torch or onnxruntime (path gradients then on numpy).")
 @click.option("--device", help="Backend device.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True,
               help="Random sets of k deleted blocks per k.")
@@ -208,7 +209,7 @@ def lesion(name, weights, data, data_dir, image_size, backend, device, draws, pa
     random blocks, and for residual nets the path-length distribution and each length's gradient.
 
     \b
-        portres lesion --weights runs/degradation/resnet56/best.safetensors \
+        portres lesion --weights runs/degradation/resnet56/best.safetensors \\
                        --weights runs/degradation/plain56/best.safetensors --plot lesion.png
         portres lesion --arch resnet56 --weights r56.safetensors --data digits --plot lesion.png
     """
