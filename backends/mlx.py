@@ -211,8 +211,8 @@ class Backend:
     name = NAME
 
     def __init__(self, device: str | None = None, dtype: str | None = None, cpu_streams: int | None = None):
-        if device is None:
-            self._device = mx.default_device()
+        if device is None:  # float64 exists on the CPU only: a float64 request defaults there (Apple: GPU otherwise)
+            self._device = mx.cpu if dtype == "float64" else mx.default_device()
         elif device in ("cpu", "gpu"):
             self._device = mx.cpu if device == "cpu" else mx.gpu
             if not mx.is_available(self._device):

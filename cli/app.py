@@ -170,3 +170,8 @@ def json_line(record) -> str:
 
 def fmt_error(x: float) -> str:
     return "inf/NaN" if not math.isfinite(x) else f"{x:.2e}"
+
+
+def data_options(image_size: int | None) -> dict:
+    """The data set options a verb's ``--image-size`` sets (none when it is not given)."""
+    return {} if image_size is None else {"image_size": image_size}

@@ -8,26 +8,49 @@ from pathlib import Path
 
 import click
 
-from .app import json_line, main, table
+from .app import data_options, json_line, main, table
+
+
+def percent(value) -> str:  # the reports' format, imported lazily (cli modules load no experiment code)
+    from portres.experiments.degradation import percent as as_percent
+
+    return as_percent(value)
 
 
 def _is_file(name: str) -> bool:
     return name.endswith((".safetensors", ".npz", ".pth")) or Path(name).is_file()
 
 
-def _checkpoint_spec(path: str):
-    """The network a training checkpoint was trained as (a usage error if it is not a checkpoint)."""
+def _checkpoint_spec(path: str, fix: str):
+    """The network a training checkpoint was trained as (a usage error saying ``fix`` if it is a weights file)."""
     from portres.training.checkpoint import CheckpointError
     from portres.training.loop import spec_of_checkpoint
 
     try:
         return spec_of_checkpoint(path)
     except CheckpointError as error:
-        raise click.UsageError(f"{error}: name the network with --arch") from None
+        raise click.UsageError(f"{error}: {fix}" if "is a weights file" in str(error) else str(error)) from None
 
 
-def _data_options(image_size: int | None) -> dict:
-    return {} if image_size is None else {"image_size": image_size}
+def _data_for(path, data: str | None, image_size: int | None, fallback: str | None) -> tuple[str | None, dict]:
+    """The data set (and options) to read ``path``'s network with: the one given, else the one a training
+    checkpoint was trained on (its image size too), else ``fallback``; a mismatch with the checkpoint is said."""
+    from portres.training.checkpoint import CheckpointError
+    from portres.training.loop import data_of_checkpoint
+
+    trained_on, trained_options = None, {}
+    if path is not None:
+        try:
+            trained_on, trained_options = data_of_checkpoint(path)
+        except CheckpointError:  # a plain weights file: nothing recorded
+            pass
+    chosen = data or trained_on or fallback
+    if data is not None and trained_on is not None and data != trained_on:
+        click.echo(f"note: {path} was trained on {trained_on}; reading it on {data} as asked", err=True)
+    if image_size is not None:
+        return chosen, data_options(image_size)
+    return chosen, trained_options if chosen == trained_on else {}
+
 
 
 def _number(value, digits: int = 3) -> str:
@@ -35,9 +58,6 @@ def _number(value, digits: int = 3) -> str:
         return "-"
     return f"{value:.{digits}e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.{digits}f}"
 
-
-def _percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 @main.group("experiment")
@@ -58,12 +78,14 @@ def experiment():
 @click.option("--weight-decay", type=float, help="Default 1e-4 (the paper).")
 @click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]),
               help="Default: digits cosine, cifar10 multistep (/10 at 32k and 48k iterations).")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0),
+              help="Linear warm-up from lr/10 (default: digits 2; cifar10 none, as the paper for depth <= 56).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--limit-train", type=click.IntRange(min=2), help="Train on the first N images only (quick runs).")
 @click.option("--out", default="runs/degradation", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--resume", is_flag=True, help="Continue each network's run from OUT/<net>/last.safetensors.")
-def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, weight_decay, schedule, seed,
-                limit_train, out, resume):
+def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, weight_decay, schedule, warmup_epochs,
+                seed, limit_train, out, resume):
     """Train plain and residual twins with one recipe: OUT/report.md, OUT/degradation.png (training
     error per epoch: plain dashed, residual solid), OUT/results.json, and each run in OUT/<net>/.
 
@@ -81,15 +103,15 @@ def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, w
         raise click.UsageError("--nets names no network; give e.g. plain20,plain56,resnet20,resnet56")
     config = DegradationConfig(out=out, nets=names, data=data, data_dir=data_dir, backend=backend, device=device,
                                epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                               schedule=schedule, seed=seed, limit_train=limit_train)
+                               schedule=schedule, warmup_epochs=warmup_epochs, seed=seed, limit_train=limit_train)
     results = run_degradation(config, resume=resume)
-    rows = [[row["network"], row["family"], row["depth"], f"{row['params']:,}", _percent(row["final_train_error"]),
-             _percent(row["final_test_error"]), _percent(row["best_test_error"])] for row in results["nets"]]
+    rows = [[row["network"], row["family"], row["depth"], f"{row['params']:,}", percent(row["final_train_error"]),
+             percent(row["final_test_error"]), percent(row["best_test_error"])] for row in results["nets"]]
     click.echo(table(["network", "family", "depth", "params", "final train error", "test error", "best test"], rows,
                      right={2, 3, 4, 5, 6}))
     for family, found in results["effect"].items():
-        click.echo(f"{family}: {found['deep']} {_percent(found['deep_train_error'])} vs {found['shallow']} "
-                   f"{_percent(found['shallow_train_error'])} final train error: {found['expected']}: "
+        click.echo(f"{family}: {found['deep']} {percent(found['deep_train_error'])} vs {found['shallow']} "
+                   f"{percent(found['shallow_train_error'])} final train error: {found['expected']}: "
                    f"{'shown' if found['shown'] else 'NOT shown'}")
     click.echo(f"{results['seconds'] / 60:.1f} min; report: {Path(out) / 'report.md'}")
 
@@ -135,18 +157,20 @@ def gradflow(names, backend, device, dtype, weights, data, data_dir, image_size,
     jobs = []
     for name in names:
         if name in zoo.names():
-            jobs.append((zoo.get(name), weights))
+            jobs.append((zoo.get(name), weights, True))  # a preset is fitted to the data's channels and classes
         elif _is_file(name):
             if not Path(name).is_file():
                 raise FileNotFoundError(f"no checkpoint at {name}")
-            jobs.append((_checkpoint_spec(name), name))
+            jobs.append((_checkpoint_spec(name, "give a preset as NAME and this file as --weights"), name, False))
         else:
             zoo.get(name)  # the unknown-preset error, with the closest names
     flows = []
-    for spec, weights_of in jobs:
+    for spec, weights_of, fit in jobs:
         images = labels = None
         if data is not None:
-            spec, images, labels = data_batch(spec, data, data_dir, batch, **_data_options(image_size))
+            data_used, options = _data_for(weights_of, data, image_size, None)
+            # a checkpoint's own network is checked against the data, never rewritten to fit it
+            spec, images, labels = data_batch(spec, data_used, data_dir, batch, fit=fit, **options)
         flow = gradient_flow(spec, backend, weights=weights_of, images=images, labels=labels, batch=batch,
                              input_size=input_size, line_points=line_points, line_radius=line_radius, seed=seed,
                              dtype=dtype, device=device)
@@ -187,7 +211,7 @@ def _print_comparison(flows: list[dict]) -> None:
 @click.option("--arch", "name", help="The preset the weights were trained as (default: the checkpoint's own spec).")
 @click.option("--weights", "weights", multiple=True, required=True, type=click.Path(),
               help="A trained network's weights or checkpoint; repeat to compare checkpoints (e.g. a plain twin).")
-@click.option("--data", default="digits", show_default=True, help="The data set whose test split is used.")
+@click.option("--data", help="The data set whose test split is used (default: the checkpoint's; else digits).")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
 @click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
 @click.option("--backend", default="mlx", show_default=True,
@@ -225,11 +249,14 @@ def lesion(name, weights, data, data_dir, image_size, backend, device, draws, pa
     for path in weights:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no weights file at {path}")
-    specs = [zoo.get(name)] if name is not None else [_checkpoint_spec(path) for path in weights]
+    specs = [zoo.get(name)] if name is not None else \
+        [_checkpoint_spec(path, "name the network with --arch") for path in weights]
     studies = []
     for spec, path in zip(specs, weights):
-        study = lesion_study(spec, backend, path, data, data_dir=data_dir, data_options=_data_options(image_size),
-                             device=device, draws=draws, path_samples=path_samples, path_batch=path_batch, seed=seed,
+        data_used, options = _data_for(path, data, image_size, "digits")
+        study = lesion_study(spec, backend, path, data_used, data_dir=data_dir, data_options=options,
+                             fit_to_data=name is not None, device=device, draws=draws, path_samples=path_samples,
+                             path_batch=path_batch, seed=seed,
                              progress=lambda text: click.echo(text, err=True))
         studies.append(study.to_dict())
         if as_json:
@@ -246,14 +273,14 @@ def lesion(name, weights, data, data_dir, image_size, backend, device, draws, pa
 def _print_study(study: dict) -> None:
     baseline = study["baseline_error"]
     click.echo(f"{study['network']} ({study['family']}) on {study['data']} test ({study['test_images']:,} images, "
-               f"{study['backend']}): intact test error {_percent(baseline)}")
+               f"{study['backend']}): intact test error {percent(baseline)}")
     click.echo(table(["deleted block", "test error", "change"],
-                     [[row["block"], _percent(row["test_error"]), f"{100 * (row['test_error'] - baseline):+.2f}"]
+                     [[row["block"], percent(row["test_error"]), f"{100 * (row['test_error'] - baseline):+.2f}"]
                       for row in study["single"]], right={1, 2}))
     click.echo("")
     click.echo(table(["k deleted", "draws", "mean error", "std", "min", "max"],
-                     [[row["k"], row["draws"], _percent(row["mean"]), _percent(row["std"]), _percent(row["min"]),
-                       _percent(row["max"])] for row in study["random"]], right={0, 1, 2, 3, 4, 5}))
+                     [[row["k"], row["draws"], percent(row["mean"]), percent(row["std"]), percent(row["min"]),
+                       percent(row["max"])] for row in study["random"]], right={0, 1, 2, 3, 4, 5}))
     paths = study["paths"]
     if paths:
         click.echo("")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .app import load_spec, main
+from .app import data_options, load_spec, main
 
 
 def _milestones(value: str | None) -> tuple[int, ...] | None:
@@ -18,9 +18,6 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of epochs, e.g. 82,123") from None
 
-
-def _data_options(image_size: int | None) -> dict:
-    return {} if image_size is None else {"image_size": image_size}
 
 
 @main.command()
@@ -97,7 +94,7 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
     from_preset = spec_file is None
     config = TrainConfig(
         out=out, arch=spec.name if from_preset else None, spec=None if from_preset else spec.to_dict(), data=data,
-        data_dir=data_dir, data_options=_data_options(image_size), backend=backend, device=device, dtype=dtype,
+        data_dir=data_dir, data_options=data_options(image_size), backend=backend, device=device, dtype=dtype,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
         weight_decay=weight_decay, decay_norms_and_biases=not no_decay_norms_biases, schedule=schedule,
         milestones=_milestones(milestones), warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
@@ -153,7 +150,7 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, i
     from portres.training.loop import evaluate as run
     from portres.training.loop import spec_of_checkpoint
 
-    dataset = datasets.load(data, data_dir, **_data_options(image_size))
+    dataset = datasets.load(data, data_dir, **data_options(image_size))
     if name is None and spec_file is None and depth is None:
         try:
             spec = spec_of_checkpoint(weights)

@@ -189,11 +189,12 @@ def _block_of(op_name: str) -> str:
     return f"{parts[0]}.{parts[1]}" if len(parts) > 2 and parts[0].startswith("layer") else "stem"
 
 
-def data_batch(spec: ResNetSpec, data: str, data_dir=None, batch: int = BATCH, **options):
-    """``(spec fitted to the data set, normalised test images, labels)``: the first ``batch`` test images."""
+def data_batch(spec: ResNetSpec, data: str, data_dir=None, batch: int = BATCH, *, fit: bool = True, **options):
+    """``(spec, normalised test images, labels)``: the first ``batch`` test images; the spec is fitted to the
+    data set's channels and classes (``fit``: a preset) or only checked against them (a trained network)."""
     dataset = datasets.load(data, data_dir, **options)
-    fitted = datasets.fit_spec(spec, dataset) if spec.in_channels != dataset.in_channels or \
-        spec.num_classes != dataset.num_classes else spec
+    fitted = datasets.fit_spec(spec, dataset) if fit and (spec.in_channels != dataset.in_channels or
+                                                         spec.num_classes != dataset.num_classes) else spec
     datasets.check_fits(dataset, fitted)
     images = datasets.normalize(dataset.test_images[:batch], dataset.mean, dataset.std)
     return fitted, images, np.asarray(dataset.test_labels[:batch])

@@ -175,12 +175,14 @@ def path_gradients(plan: Plan, lowering, arrays: dict, images: np.ndarray, label
 
 
 def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=None, data_options=None,
-                 device: str | None = None, draws: int = DRAWS, path_samples: int = PATH_SAMPLES,
-                 path_batch: int = PATH_BATCH, seed: int = 0, progress=None) -> LesionStudy:
+                 fit_to_data: bool = True, device: str | None = None, draws: int = DRAWS,
+                 path_samples: int = PATH_SAMPLES, path_batch: int = PATH_BATCH, seed: int = 0,
+                 progress=None) -> LesionStudy:
     """Test errors of ``spec`` with ``weights`` after single and random block deletions, and (residual
     networks) the path-length distribution and each length's share of the gradient.
 
-    ``spec`` is fitted to the data set's channels and classes; ``weights`` a weights file or training
+    ``spec`` is fitted to the data set's channels and classes (``fit_to_data``: a preset; a checkpoint's own
+    network is only checked against them); ``weights`` a weights file or training
     checkpoint (a mapping works too). ``progress(text)`` is called as it goes.
     """
     for name, value, least in (("draws", draws, 1), ("path_samples", path_samples, 1), ("path_batch", path_batch, 2)):
@@ -189,7 +191,7 @@ def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=
     note = progress or (lambda text: None)
     dataset = datasets.load(data, data_dir, **(data_options or {}))
     spec = resolve(spec)
-    if (spec.in_channels, spec.num_classes) != (dataset.in_channels, dataset.num_classes):
+    if fit_to_data and (spec.in_channels, spec.num_classes) != (dataset.in_channels, dataset.num_classes):
         spec = datasets.fit_spec(spec, dataset)
     datasets.check_fits(dataset, spec)
     plan = make_plan(spec)

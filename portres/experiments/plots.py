@@ -132,8 +132,10 @@ def plot_lesion(path, studies: list[dict]) -> str | None:
         axis.legend(fontsize=8)
     if with_paths:
         axis = axes[2]
-        for study, colour in zip(with_paths, _colours(len(studies))):
+        for study, colour in zip(studies, _colours(len(studies))):  # each network keeps its colour
             paths = study["paths"]
+            if not paths:
+                continue
             axis.plot(paths["lengths"], paths["share_of_paths"], color=colour, linestyle=":",
                       label=f"{study['network']}: share of paths")
             axis.plot(paths["lengths"], paths["share_of_gradient"], color=colour, marker=".",

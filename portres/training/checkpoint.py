@@ -52,7 +52,9 @@ def read_description(path) -> dict:
         description = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: its checkpoint description is not valid JSON ({error})") from None
-    if not isinstance(description, dict) or description.get("version") != VERSION:
+    if not isinstance(description, dict):
+        raise CheckpointError(f"{path}: its checkpoint description is not a JSON object")
+    if description.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint format {description.get('version')!r} is not {VERSION}; "
                               "it was written by another portres version")
     return description

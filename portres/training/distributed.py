@@ -337,8 +337,10 @@ class ProcessReplicas(Replicas):
             if self.rank == 0:
                 try:
                     arrays, info = make()
-                except (ValueError, OSError) as error:  # every rank must stop, with rank 0's reason
-                    self._broadcast_bytes(json.dumps({"error": str(error)}).encode())
+                except Exception as error:  # every rank must stop at once, with rank 0's reason, not time out
+                    reason = str(error) if isinstance(error, (ValueError, OSError)) \
+                        else f"{type(error).__name__}: {error}"
+                    self._broadcast_bytes(json.dumps({"error": reason}).encode())
                     raise
             header = {"info": info, "arrays": [[name, value.dtype.str, list(value.shape)]
                                                for name, value in arrays.items()]} if self.rank == 0 else None

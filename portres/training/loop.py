@@ -163,9 +163,8 @@ def load_data(config: TrainConfig):
 
 def network_for(config: TrainConfig, dataset) -> ResNetSpec:
     """A preset adapted to the data set's channels and classes, or a spec that must fit as is."""
-    if config.arch is not None:
-        return datasets.fit_spec(resolve(config.arch), dataset)
-    spec = ResNetSpec.from_dict(config.spec)
+    spec = datasets.fit_spec(resolve(config.arch), dataset) if config.arch is not None \
+        else ResNetSpec.from_dict(config.spec)
     datasets.check_fits(dataset, spec)
     return spec
 
@@ -492,4 +491,15 @@ def write_curves(path: Path, metrics: list[dict], title: str) -> str | None:
 
 def spec_of_checkpoint(path) -> ResNetSpec:
     """The network a checkpoint (last or best) was trained as."""
-    return ResNetSpec.from_dict(read_description(path)["spec"])
+    description = read_description(path)
+    if not isinstance(description.get("spec"), dict):
+        raise CheckpointError(f"{path}: its checkpoint description names no network (no 'spec')")
+    return ResNetSpec.from_dict(description["spec"])
+
+
+def data_of_checkpoint(path) -> tuple[str | None, dict]:
+    """``(data set name, its options such as image_size)`` a checkpoint was trained on (None if not recorded)."""
+    config = read_description(path).get("config")
+    config = config if isinstance(config, dict) else {}
+    options = config.get("data_options")
+    return config.get("data"), dict(options) if isinstance(options, dict) else {}
