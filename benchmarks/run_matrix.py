@@ -24,6 +24,9 @@ NETWORKS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnetv2_50
 BATCHES = [1, 16]
 # training rows: (network, input side, batch) - the issue's CIFAR ResNet-20 and ResNet-50 at 224
 TRAINING = [("resnet20", 32, 128), ("resnet50", 224, 16)]
+# data-parallel rows: (network, input side, batch per rank), each with 1 and 2 local processes
+SCALING = [("resnet20", 32, 64)]
+SCALING_BACKENDS = ("mlx", "torch")  # the backends whose replicas are processes (tinygrad's are devices)
 
 
 def memory_gib() -> str:
@@ -49,13 +52,15 @@ def main() -> int:
     parser.add_argument("--training", default=",".join(f"{n}:{s}:{b}" for n, s, b in TRAINING),
                         help="training rows as network:input:batch, comma-separated ('' for none)")
     parser.add_argument("--training-backends", default=None, help="default: the inference backends")
+    parser.add_argument("--scaling", default=",".join(f"{n}:{s}:{b}" for n, s, b in SCALING),
+                        help="network:input:batch-per-rank rows timed with 1 and 2 local processes ('' for none)")
     parser.add_argument("--log", default=str(Path(__file__).with_name("perf_log.md")),
                         help="speed-work log appended to the report")
     args = parser.parse_args()
 
     names = args.backends.split(",") if args.backends else [b for b in backends.available() if b != "numpy"]
     records, failures = [], []
-    for network in args.networks.split(","):
+    for network in filter(None, args.networks.split(",")):
         spec = portres.get(network)
         for batch in map(int, args.batches.split(",")):
             for backend in names:
@@ -84,9 +89,53 @@ def main() -> int:
                 records.append(bench.run_in_subprocess(config))
             except bench.BenchError as error:
                 failures.append(f"training {network} batch {batch}: {error}")
+    for row in filter(None, args.scaling.split(",")):
+        network, size, batch = row.split(":")
+        for backend in [name for name in SCALING_BACKENDS if name in names]:
+            for processes in (1, 2):
+                config = bench.BenchConfig(backend, portres.get(network).to_dict(), batch=int(batch),
+                                           input_size=int(size), dtype="float32", warmup=2, iters=args.iters,
+                                           train=True, processes=processes)
+                print(f"data parallel {network} {size} batch {batch}/rank {backend} x{processes} ...", file=sys.stderr,
+                      flush=True)
+                try:
+                    record = bench.run_in_subprocess(config)
+                    records.append({**record, "processes": record.get("processes", 1), "scaling": True})
+                except bench.BenchError as error:
+                    failures.append(f"data parallel {network} {backend} x{processes}: {error}")
     Path(args.output).write_text(report(records, failures, Path(args.log)))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def scaling_section(records: list[dict]) -> list[str]:
+    """Data-parallel training on this machine: 1 vs 2 local processes, what the second one bought."""
+    first = records[0]
+    lines = [f"## Data-parallel training, {first['network']} {first['input_size']}x{first['input_size']} "
+             f"(`portres bench --train --processes 1,2`)", "",
+             "Batch per rank fixed; efficiency = images/s in all / (processes x one process's images/s). The "
+             "all-reduce (gradients and BN statistics) is timed on its own after the steps.", "",
+             "| backend | processes | batch/rank | images/s per rank | images/s in all | speed-up | efficiency "
+             "| all-reduce ms | of step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for backend in dict.fromkeys(r["backend"] for r in records):
+        rows = [r for r in records if r["backend"] == backend]
+        alone = next((r["images_per_s"] for r in rows if r["processes"] == 1), None)
+        for r in rows:
+            processes = r["processes"]
+            cells = [backend, processes, r.get("batch_per_rank", r["batch"]),
+                     f"{r.get('images_per_s_per_rank', r['images_per_s']):.2f}", f"{r['images_per_s']:.2f}",
+                     f"{r['images_per_s'] / alone:.2f}x" if alone else "-",
+                     f"{100 * r['images_per_s'] / (processes * alone):.0f}%" if alone else "-",
+                     f"{r['all_reduce_median_s'] * 1e3:.1f}" if "all_reduce_median_s" in r else "-",
+                     f"{100 * r['all_reduce_share_of_step']:.0f}%" if "all_reduce_share_of_step" in r else "-"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", f"What limits it here: {os.cpu_count()} CPU cores in all. One process already uses every core for "
+              "its GEMMs, so a second process shares the same cores instead of adding any; what it can buy is "
+              "overlap (one rank's single-threaded elementwise passes - MLX runs a stream's elementwise ops on one "
+              "thread - beside the other's GEMMs), minus the all-reduce over loopback. On a machine with a device "
+              "per rank (GPUs) the ranks add compute instead.", ""]
+    return lines
 
 
 def report(records: list[dict], failures: list[str], log: Path) -> str:
@@ -110,6 +159,8 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
         *[f"- BLAS {b}" for b in blas],
         "",
     ]
+    scaling = [r for r in records if r.get("scaling")]
+    records = [r for r in records if not r.get("scaling")]
     for network, training in dict.fromkeys((r["network"], r.get("train", False)) for r in records):
         rows = [r for r in records if r["network"] == network and r.get("train", False) == training]
         title = (f"## Training {network}, {rows[0]['input_size']}x{rows[0]['input_size']} "
@@ -130,6 +181,8 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
                          f"{r['peak_rss_bytes'] / 2**20:,.0f}", ratio]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines.append("")
+    if scaling:
+        lines += scaling_section(scaling)
     lines += ["## GPUs", "", *gpu_note(), ""]
     if failures:
         lines += ["## Cells that did not run", ""] + [f"- {f}" for f in failures] + [""]
