@@ -79,7 +79,8 @@ def experiment():
 @click.option("--schedule", type=click.Choice(["constant", "multistep", "cosine"]),
               help="Default: digits cosine, cifar10 multistep (/10 at 32k and 48k iterations).")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0),
-              help="Linear warm-up from lr/10 (default: digits 2; cifar10 none, as the paper for depth <= 56).")
+              help="Linear warm-up from lr/10 (default: digits a tenth of the epochs; cifar10 none, as the paper "
+                   "for depth <= 56).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--limit-train", type=click.IntRange(min=2), help="Train on the first N images only (quick runs).")
 @click.option("--out", default="runs/degradation", show_default=True, type=click.Path(), help="Output directory.")

@@ -26,6 +26,7 @@ from portres.plan import delete_blocks, make_plan, run_plan
 from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training.grads import training_backend
 from portres.training.loop import TrainConfig, train
+from portres.data import DataError
 from portres.weights import init_params
 
 FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
@@ -367,6 +368,9 @@ def test_degradation_settings_are_checked_before_anything_trains(tmp_path):
         run_degradation(DegradationConfig(out=str(tmp_path), nets=("resnet21",)))
     with pytest.raises(ValueError, match="lr=-1"):
         run_degradation(DegradationConfig(out=str(tmp_path), nets=("resnet20",), lr=-1.0))
+    # a network the data cannot feed (total stride 32 on 16x16 digits) is refused before the first one trains
+    with pytest.raises(DataError, match="too small for resnet18"):
+        run_degradation(DegradationConfig(out=str(tmp_path), nets=("plain20", "resnet18"), backend="numpy"))
     assert not list(tmp_path.iterdir())
 
 

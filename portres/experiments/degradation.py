@@ -35,7 +35,7 @@ DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
 # training error against resnet20's 0%; the paper warms its deepest CIFAR net up at lr/10 for the same
 # reason. Measurements in docs/experiments.md.
 DIGITS_RECIPE = {"epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
-                 "warmup_epochs": 2}
+                 "warmup_fraction": 0.1}  # warm-up: the first tenth of the epochs (2 of 20)
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the CIFAR ResNets (110: best of 5 runs; mean 6.61 +- 0.16).
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
                     "resnet1202": 7.93}
@@ -69,7 +69,8 @@ class DegradationConfig:
         recipe = DIGITS_RECIPE if self.data == "digits" else {}
         chosen = {key: getattr(self, key) if getattr(self, key) is not None else recipe.get(key)
                   for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule")}
-        warmup = self.warmup_epochs if self.warmup_epochs is not None else recipe.get("warmup_epochs", 0.0)
+        epochs = chosen["epochs"] if chosen["epochs"] is not None else 0
+        warmup = self.warmup_epochs if self.warmup_epochs is not None else recipe.get("warmup_fraction", 0.0) * epochs
         name = net if isinstance(net, str) else net.name
         where = {"arch": net} if isinstance(net, str) else {"spec": net.to_dict()}
         return TrainConfig(out=str(Path(self.out) / name), data=self.data, data_dir=self.data_dir,
