@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import portres
 from portres import backends, zoo
 from portres.cli import main
+from portres.data import DataError
 from portres.experiments.degradation import DegradationConfig, main_path_depth, run_degradation
 from portres.experiments.gradflow import gradient_flow, neighbour_correlation
 from portres.experiments.lesion import deletable_blocks, lesion_parity, lesion_study, lesioned_model, path_gradients
@@ -26,7 +27,6 @@ from portres.plan import delete_blocks, make_plan, run_plan
 from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training.grads import training_backend
 from portres.training.loop import TrainConfig, train
-from portres.data import DataError
 from portres.weights import init_params
 
 FRAMEWORKS = [name for name in backends.available() if name != "numpy"]
