@@ -23,6 +23,7 @@ from portres import backends, bench
 NETWORKS = ["resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnetv2_50"]
 BATCHES = [1, 16]
 # training rows: (network, input side, batch) - the issue's CIFAR ResNet-20 and ResNet-50 at 224
+# (a row may end in :backend+backend to time only those: tinygrad compiles ResNet-50's step for many minutes)
 TRAINING = [("resnet20", 32, 128), ("resnet50", 224, 16)]
 # data-parallel rows: (network, input side, batch per rank), each with 1 and 2 local processes
 SCALING = [("resnet20", 32, 64)]
@@ -51,7 +52,7 @@ def main() -> int:
     parser.add_argument("--beam-networks", default="resnet50")
     parser.add_argument("--training", default=",".join(f"{n}:{s}:{b}" for n, s, b in TRAINING),
                         help="training rows as network:input:batch, comma-separated ('' for none)")
-    parser.add_argument("--training-backends", default=None, help="default: the inference backends")
+    parser.add_argument("--training-backends", default=None, help="default: the inference backends that train")
     parser.add_argument("--scaling", default=",".join(f"{n}:{s}:{b}" for n, s, b in SCALING),
                         help="network:input:batch-per-rank rows timed with 1 and 2 local processes ('' for none)")
     parser.add_argument("--log", default=str(Path(__file__).with_name("perf_log.md")),
@@ -78,10 +79,11 @@ def main() -> int:
                     records.append(bench.run_in_subprocess(config))
                 except bench.BenchError as error:
                     failures.append(f"{network} batch {batch} BEAM={args.tinygrad_beam}: {error}")
-    training_names = args.training_backends.split(",") if args.training_backends else names
+    training_names = args.training_backends.split(",") if args.training_backends else \
+        [name for name in names if name in backends.TRAINABLE]
     for row in filter(None, args.training.split(",")):
-        network, size, batch = row.split(":")
-        for backend in training_names:
+        network, size, batch, *only = row.split(":")  # network:input:batch[:backend+backend]
+        for backend in only[0].split("+") if only else training_names:
             config = bench.BenchConfig(backend, portres.get(network).to_dict(), batch=int(batch), input_size=int(size),
                                        dtype="float32", warmup=2, iters=args.iters, train=True)
             print(f"training {network} {size} batch {batch} {backend} ...", file=sys.stderr, flush=True)
