@@ -6,7 +6,6 @@ User errors (unknown preset, invalid spec file, bad argument, missing framework)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -156,16 +155,9 @@ def backend_list(value: str | None, include_numpy: bool) -> list[str]:
 
 def json_line(record) -> str:
     """Strict JSON (RFC 8259): NaN and infinities become null, never `NaN`/`Infinity`."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: clean(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(item) for item in value]
-        return value
+    from portres.records import strict_json
 
-    return json.dumps(clean(record), allow_nan=False)
+    return strict_json(record)
 
 
 def fmt_error(x: float) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .. import data as datasets
 from ..analysis import summary as count
+from ..records import strict_json
 from ..spec import ResNetSpec
 from ..training.loop import Progress, TrainConfig, TrainingError, network_for, train
 from ..zoo import resolve
@@ -125,7 +126,7 @@ def run_degradation(config: DegradationConfig, *, resume: bool = False, progress
                                                              "schedule", "warmup_epochs", "augment", "seed")},
         "seconds": time.monotonic() - started, "machine": _machine(), "nets": rows, "effect": effect(rows),
     }
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
+    (out / "results.json").write_text(strict_json(results, indent=2) + "\n")
     (out / "report.md").write_text(report(results))
     from .plots import plot_degradation
 
@@ -230,11 +231,3 @@ def _machine() -> dict:
             platform.machine(), "load_average": [round(value, 2) for value in load]}
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
