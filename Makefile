@@ -26,7 +26,7 @@ bench: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# every zoo entry on every backend (tinygrad too): about an hour on 2 cores
+# every zoo entry on every backend (tinygrad too): well over 45 minutes on 2 cores
 test-full: setup
 	PORTRES_FULL_ZOO=1 $(BIN)/python -m pytest -q
 
