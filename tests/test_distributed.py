@@ -117,13 +117,13 @@ def check_replicas_identical(summary: dict, replicas: int) -> None:
     assert len(set(hashes)) == 1, hashes
 
 
-# -- MLX: two ring processes on loopback ------------------------------------------------------------
+# -- two processes on loopback: MLX (ring) and torch (gloo) ----------------------------------------------
 
 
-@needs["mlx"]
+@pytest.mark.parametrize("backend", [pytest.param(name, marks=needs[name]) for name in ("mlx", "torch")])
 @pytest.mark.parametrize("sync_bn", [False, True], ids=["per-replica-bn", "sync-bn"])
-def test_mlx_ranks_match_the_reference(tmp_path, sync_bn):
-    config = settings(tmp_path, backend="mlx", sync_bn=sync_bn)
+def test_process_ranks_match_the_reference(tmp_path, backend, sync_bn):
+    config = settings(tmp_path, backend=backend, sync_bn=sync_bn)
     summary = parallel.local_training(config, 2, resume=False)
     check_replicas_identical(summary, 2)
     assert summary["processes"] == 2 and summary["sync_bn"] == sync_bn
@@ -284,18 +284,6 @@ def test_a_port_in_use_is_one_line_with_the_fix(tmp_path):
 def test_tinygrad_devices_match_the_reference(tmp_path, sync_bn):
     config = settings(tmp_path, backend="tinygrad", devices=("CPU:0", "CPU:1"), sync_bn=sync_bn)
     summary = train(config, progress=Quiet())
-    check_replicas_identical(summary, 2)
-    check_against_reference(config, summary, shards=1 if sync_bn else 2)
-
-
-# -- torch: two gloo processes ----------------------------------------------------------------------------
-
-
-@needs["torch"]
-@pytest.mark.parametrize("sync_bn", [False, True], ids=["per-replica-bn", "sync-bn"])
-def test_torch_ranks_match_the_reference(tmp_path, sync_bn):
-    config = settings(tmp_path, backend="torch", sync_bn=sync_bn)
-    summary = parallel.local_training(config, 2, resume=False)
     check_replicas_identical(summary, 2)
     check_against_reference(config, summary, shards=1 if sync_bn else 2)
 
