@@ -120,18 +120,15 @@ def scaling_section(records: list[dict]) -> list[str]:
              "| backend | processes | batch/rank | images/s per rank | images/s in all | speed-up | efficiency "
              "| all-reduce ms | of step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for backend in dict.fromkeys(r["backend"] for r in records):
-        rows = [r for r in records if r["backend"] == backend]
-        alone = next((r["images_per_s"] for r in rows if r["processes"] == 1), None)
-        for r in rows:
-            processes = r["processes"]
-            cells = [backend, processes, r.get("batch_per_rank", r["batch"]),
-                     f"{r.get('images_per_s_per_rank', r['images_per_s']):.2f}", f"{r['images_per_s']:.2f}",
-                     f"{r['images_per_s'] / alone:.2f}x" if alone else "-",
-                     f"{100 * r['images_per_s'] / (processes * alone):.0f}%" if alone else "-",
-                     f"{r['all_reduce_median_s'] * 1e3:.1f}" if "all_reduce_median_s" in r else "-",
-                     f"{100 * r['all_reduce_share_of_step']:.0f}%" if "all_reduce_share_of_step" in r else "-"]
-            lines.append("| " + " | ".join(map(str, cells)) + " |")
+
+    def cell(value, form):
+        return "-" if value is None else form.format(value)
+
+    for row in bench.scaling(records):
+        cells = [row["backend"], row["processes"], row["batch_per_rank"], f"{row['images_per_s_per_rank']:.2f}",
+                 f"{row['images_per_s']:.2f}", cell(row["speed_up"], "{:.2f}x"), cell(row["efficiency"], "{:.0%}"),
+                 cell(row["all_reduce_ms"], "{:.1f}"), cell(row["all_reduce_share"], "{:.0%}")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", f"What limits it here: {os.cpu_count()} CPU cores in all. One process already uses every core for "
               "its GEMMs, so a second process shares the same cores instead of adding any; what it can buy is "
               "overlap (one rank's single-threaded elementwise passes - MLX runs a stream's elementwise ops on one "

@@ -122,18 +122,15 @@ def _process_counts(value: str | None, train: bool, backend_names: str) -> list[
 
 def _print_scaling(records):
     """Data-parallel rates next to one process's, per backend: what the extra processes bought."""
-    single = {r["backend"]: r["images_per_s"] for r in records if r.get("processes", 1) == 1}
-    rows = []
-    for r in records:
-        processes = r.get("processes", 1)
-        alone = single.get(r["backend"])
-        efficiency = f"{100 * r['images_per_s'] / (processes * alone):.0f}%" if alone else "-"
-        rows.append([r["backend"], processes, r.get("batch_per_rank", r["batch"]),
-                     f"{r.get('images_per_s_per_rank', r['images_per_s']):.2f}", f"{r['images_per_s']:.2f}",
-                     f"{alone and r['images_per_s'] / alone:.2f}x" if alone else "-", efficiency,
-                     f"{r['all_reduce_median_s'] * 1e3:.1f}" if "all_reduce_median_s" in r else "-",
-                     f"{100 * r['all_reduce_share_of_step']:.0f}%" if "all_reduce_share_of_step" in r else "-",
-                     f"{r['all_reduce_bytes'] / 2**20:.2f}" if "all_reduce_bytes" in r else "-"])
+    from portres import bench as runner
+
+    def cell(value, form):
+        return "-" if value is None else form.format(value)
+
+    rows = [[row["backend"], row["processes"], row["batch_per_rank"], f"{row['images_per_s_per_rank']:.2f}",
+             f"{row['images_per_s']:.2f}", cell(row["speed_up"], "{:.2f}x"), cell(row["efficiency"], "{:.0%}"),
+             cell(row["all_reduce_ms"], "{:.1f}"), cell(row["all_reduce_share"], "{:.0%}"),
+             cell(row["all_reduce_mib"], "{:.2f}")] for row in runner.scaling(records)]
     click.echo("\ndata parallel (batch per rank; efficiency = total / (processes x one process)):")
     click.echo(table(["backend", "processes", "batch/rank", "img/s per rank", "img/s total", "speed-up", "efficiency",
                       "all-reduce ms", "of step", "all-reduce MB"], rows, right=set(range(1, 10))))

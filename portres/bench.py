@@ -338,6 +338,29 @@ class BenchError(RuntimeError):
 RESULT_PREFIX = "PORTRES-BENCH-RESULT "  # marks the child's one result line on stdout
 
 
+def scaling(records: list[dict]) -> list[dict]:
+    """Data-parallel records beside their backend's one-process rate: what the extra processes bought.
+
+    Each row: backend, processes, batch_per_rank, images_per_s_per_rank, images_per_s, speed_up and
+    efficiency (total / (processes x one process); None without a one-process record), all_reduce_ms and
+    all_reduce_share (None for one process).
+    """
+    alone = {r["backend"]: r["images_per_s"] for r in records if r.get("processes", 1) == 1}
+    rows = []
+    for r in records:
+        processes, single = r.get("processes", 1), alone.get(r["backend"])
+        rows.append({
+            "backend": r["backend"], "processes": processes, "batch_per_rank": r.get("batch_per_rank", r["batch"]),
+            "images_per_s_per_rank": r.get("images_per_s_per_rank", r["images_per_s"]),
+            "images_per_s": r["images_per_s"],
+            "speed_up": r["images_per_s"] / single if single else None,
+            "efficiency": r["images_per_s"] / (processes * single) if single else None,
+            "all_reduce_ms": r["all_reduce_median_s"] * 1e3 if "all_reduce_median_s" in r else None,
+            "all_reduce_share": r.get("all_reduce_share_of_step"),
+            "all_reduce_mib": r["all_reduce_bytes"] / 2**20 if "all_reduce_bytes" in r else None})
+    return rows
+
+
 def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict:
     """Run :func:`run_benchmark` in a fresh interpreter (``config.processes`` of them, as the ranks of a
     data-parallel group on this machine); returns its (rank 0's) record or raises BenchError."""
