@@ -167,3 +167,23 @@ def fmt_error(x: float) -> str:
 def data_options(image_size: int | None) -> dict:
     """The data set options a verb's ``--image-size`` sets (none when it is not given)."""
     return {} if image_size is None else {"image_size": image_size}
+
+
+def data_for(path, data: str | None, image_size: int | None, fallback: str | None) -> tuple[str | None, dict]:
+    """The data set (and options) to read ``path``'s network with: the one given, else the one a training
+    checkpoint was trained on (its image size too), else ``fallback``; a mismatch with the checkpoint is said."""
+    from portres.training.checkpoint import CheckpointError
+    from portres.training.loop import data_of_checkpoint
+
+    trained_on, trained_options = None, {}
+    if path is not None:
+        try:
+            trained_on, trained_options = data_of_checkpoint(path)
+        except CheckpointError:  # a plain weights file: nothing recorded
+            pass
+    chosen = data or trained_on or fallback
+    if data is not None and trained_on is not None and data != trained_on:
+        click.echo(f"note: {path} was trained on {trained_on}; reading it on {data} as asked", err=True)
+    if image_size is not None:
+        return chosen, data_options(image_size)
+    return chosen, trained_options if chosen == trained_on else {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .app import data_options, json_line, main, table
+from .app import data_for, json_line, main, table
 
 
 def percent(value) -> str:  # the reports' format, imported lazily (cli modules load no experiment code)
@@ -30,26 +30,6 @@ def _checkpoint_spec(path: str, fix: str):
         return spec_of_checkpoint(path)
     except CheckpointError as error:
         raise click.UsageError(f"{error}: {fix}" if "is a weights file" in str(error) else str(error)) from None
-
-
-def _data_for(path, data: str | None, image_size: int | None, fallback: str | None) -> tuple[str | None, dict]:
-    """The data set (and options) to read ``path``'s network with: the one given, else the one a training
-    checkpoint was trained on (its image size too), else ``fallback``; a mismatch with the checkpoint is said."""
-    from portres.training.checkpoint import CheckpointError
-    from portres.training.loop import data_of_checkpoint
-
-    trained_on, trained_options = None, {}
-    if path is not None:
-        try:
-            trained_on, trained_options = data_of_checkpoint(path)
-        except CheckpointError:  # a plain weights file: nothing recorded
-            pass
-    chosen = data or trained_on or fallback
-    if data is not None and trained_on is not None and data != trained_on:
-        click.echo(f"note: {path} was trained on {trained_on}; reading it on {data} as asked", err=True)
-    if image_size is not None:
-        return chosen, data_options(image_size)
-    return chosen, trained_options if chosen == trained_on else {}
 
 
 
@@ -169,7 +149,7 @@ def gradflow(names, backend, device, dtype, weights, data, data_dir, image_size,
     for spec, weights_of, fit in jobs:
         images = labels = None
         if data is not None:
-            data_used, options = _data_for(weights_of, data, image_size, None)
+            data_used, options = data_for(weights_of, data, image_size, None)
             # a checkpoint's own network is checked against the data, never rewritten to fit it
             spec, images, labels = data_batch(spec, data_used, data_dir, batch, fit=fit, **options)
         flow = gradient_flow(spec, backend, weights=weights_of, images=images, labels=labels, batch=batch,
@@ -254,7 +234,7 @@ def lesion(name, weights, data, data_dir, image_size, backend, device, draws, pa
         [_checkpoint_spec(path, "name the network with --arch") for path in weights]
     studies = []
     for spec, path in zip(specs, weights):
-        data_used, options = _data_for(path, data, image_size, "digits")
+        data_used, options = data_for(path, data, image_size, "digits")
         study = lesion_study(spec, backend, path, data_used, data_dir=data_dir, data_options=options,
                              fit_to_data=name is not None, device=device, draws=draws, path_samples=path_samples,
                              path_batch=path_batch, seed=seed,

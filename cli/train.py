@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .app import data_options, load_spec, main
+from .app import data_for, data_options, load_spec, main
 
 
 def _milestones(value: str | None) -> tuple[int, ...] | None:
@@ -137,7 +137,7 @@ def rank(config_file):
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --arch.")
 @click.option("--backend", default="mlx", show_default=True, help="numpy, tinygrad, mlx or torch.")
 @click.option("--device", help="Backend device.")
-@click.option("--data", default="digits", show_default=True, help="cifar10, cifar100, digits or folder.")
+@click.option("--data", help="cifar10, cifar100, digits or folder (default: the checkpoint's; else digits).")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
 @click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -150,7 +150,8 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, i
     from portres.training.loop import evaluate as run
     from portres.training.loop import spec_of_checkpoint
 
-    dataset = datasets.load(data, data_dir, **data_options(image_size))
+    data, options = data_for(weights, data, image_size, "digits")  # a checkpoint is read on its own data
+    dataset = datasets.load(data, data_dir, **options)
     if name is None and spec_file is None and depth is None:
         try:
             spec = spec_of_checkpoint(weights)
