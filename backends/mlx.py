@@ -125,8 +125,8 @@ def _padded_rows(x, padding: int, kernel: int):
 
 
 @functools.cache
-def _shifted_gemm(padding: int):
-    """Stride-1 KxK conv (NHWC x OHWI) without im2col, with its own gradient.
+def _shifted_gemm(padding: int, stream):
+    """Stride-1 KxK conv (NHWC x OHWI) without im2col, with its own gradient, on ``stream``.
 
     On the zero-padded input flattened to rows of pixels, the tap (i, j) of every output pixel
     is the input row shifted by i*padded_width + j. So out = sum over taps of rows[shift:shift+M]
@@ -135,7 +135,8 @@ def _shifted_gemm(padding: int):
     same shape of computation (autodiff through the slices would scatter into nine full-size
     buffers: 161 ms instead of ~25 for resnet20's 32x32 layer at batch 128): the input's as
     shifted GEMMs of the output gradient with the transposed taps, shifted back; the weights' as
-    one GEMM per tap.
+    one GEMM per tap. MLX calls a custom VJP on whatever stream is the default when the gradient
+    is built, so it names the forward's stream itself (split batches run on several).
     """
     @mx.custom_function
     def conv(x, weight):
@@ -148,61 +149,86 @@ def _shifted_gemm(padding: int):
 
     @conv.vjp
     def conv_vjp(primals, cotangent, output):
-        x, weight = primals
-        n, h, w, c = x.shape
-        out_channels, kernel = weight.shape[0], weight.shape[1]
-        rows, m, wp = _padded_rows(x, padding, kernel)
-        hp = h + 2 * padding
-        # the output gradient on the padded grid (zero at the garbage columns), as rows
-        grad_rows = mx.pad(cotangent, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)]).reshape(m, out_channels)
-        shifts = _tap_shifts(kernel, wp)
-        grad_taps = mx.stack([rows[shift:shift + m].T @ grad_rows for shift in shifts])  # (K*K, C, O)
-        grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2)
-        # each input row received grad_rows[r - shift] @ W[tap].T from every tap: shift back from the front
-        front = shifts[-1]
-        padded = mx.pad(grad_rows, [(front, 0), (0, 0)])
-        taps_t = weight.transpose(1, 2, 0, 3).reshape(kernel * kernel, out_channels, c)  # (K*K, O, C)
-        grad_input_rows = _sum_of_products((padded[front - shift:front - shift + m], taps_t[tap])
-                                           for tap, shift in enumerate(shifts))
-        grad_x = grad_input_rows.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + w, :]
-        return grad_x, grad_weight
+        with mx.stream(stream):
+            return _shifted_gemm_vjp(padding, *primals, cotangent)
 
     return conv
 
 
-@functools.cache
-def _batch_norm_train(eps: float):
-    """Train-mode BN (NHWC) -> (y, batch mean, unbiased batch variance), with its own gradient.
+def _shifted_gemm_vjp(padding: int, x, weight, cotangent):
+    """The gradients (x, weight) of ``_shifted_gemm``: the same shape of computation as its forward."""
+    n, h, w, c = x.shape
+    out_channels, kernel = weight.shape[0], weight.shape[1]
+    rows, m, wp = _padded_rows(x, padding, kernel)
+    hp = h + 2 * padding
+    # the output gradient on the padded grid (zero at the garbage columns), as rows
+    grad_rows = mx.pad(cotangent, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)]).reshape(m, out_channels)
+    shifts = _tap_shifts(kernel, wp)
+    grad_taps = mx.stack([rows[shift:shift + m].T @ grad_rows for shift in shifts])  # (K*K, C, O)
+    grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2)
+    # each input row received grad_rows[r - shift] @ W[tap].T from every tap: shift back from the front
+    front = shifts[-1]
+    padded = mx.pad(grad_rows, [(front, 0), (0, 0)])
+    taps_t = weight.transpose(1, 2, 0, 3).reshape(kernel * kernel, out_channels, c)  # (K*K, O, C)
+    grad_input_rows = _sum_of_products((padded[front - shift:front - shift + m], taps_t[tap])
+                                       for tap, shift in enumerate(shifts))
+    grad_x = grad_input_rows.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + w, :]
+    return grad_x, grad_weight
 
-    MLX's CPU elementwise passes run on one thread and are memory-bound, and autodiff of the
-    forward formula makes about twice the passes the closed form needs: with x^ = (x - mean)
-    * inv_std, dx = A * dy + B + C * x^ with per-channel A, B, C (the mean and variance
-    outputs' cotangents included, for callers that differentiate through the statistics).
+
+def _on_streams(streams, function, *per_slice) -> list:
+    """``[function(*arguments of slice i) on streams[i]]``: one batch slice's work per CPU stream."""
+    outs = []
+    for stream, arguments in zip(streams, zip(*per_slice)):
+        with mx.stream(stream):
+            outs.append(function(*arguments))
+    return outs
+
+
+@functools.cache
+def _batch_norm_train(eps: float, streams: tuple):
+    """Train-mode BN (NHWC) over a batch held as slices, one per stream in ``streams``:
+    ``(weight, bias, slices) -> (batch mean, unbiased batch variance, normalised slices)``, with its
+    own gradient.
+
+    The statistics are the whole batch's: each slice's partial sums, computed on its stream, are
+    added (a split batch trains exactly as one). MLX's CPU elementwise passes run on one thread per
+    stream and are memory-bound, and autodiff of the forward formula makes about twice the passes
+    the closed form needs: with x^ = (x - mean) * inv_std, dx = A * dy + B + C * x^ with per-channel
+    A, B, C (the mean and variance outputs' cotangents included, for callers that differentiate
+    through the statistics).
     """
     axes = (0, 1, 2)
+    on_streams = functools.partial(_on_streams, streams)
+
+    def counted(slices):
+        return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
 
     @mx.custom_function
-    def batch_norm(x, weight, bias):
-        count = x.shape[0] * x.shape[1] * x.shape[2]
-        mean = mx.mean(x, axis=axes)
-        centered = x - mean
-        var = mx.mean(centered * centered, axis=axes)
-        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+    def batch_norm(weight, bias, slices):
+        count = counted(slices)
+        mean = sum(on_streams(lambda x: mx.sum(x, axis=axes), slices)) / count
+        centered = on_streams(lambda x: x - mean, slices)
+        var = sum(on_streams(lambda c: mx.sum(c * c, axis=axes), centered)) / count
+        scale = weight * mx.rsqrt(var + eps)
+        return mean, var * (count / (count - 1)), on_streams(lambda c: c * scale + bias, centered)
 
     @batch_norm.vjp
     def batch_norm_vjp(primals, cotangents, outputs):
-        x, weight, _ = primals
-        grad_y, grad_mean, grad_var = cotangents
-        _, mean, unbiased = outputs
-        count = x.shape[0] * x.shape[1] * x.shape[2]
+        weight, _, slices = primals
+        grad_mean, grad_var, grad_ys = cotangents
+        mean, unbiased, _ = outputs
+        count = counted(slices)
         inv_std = mx.rsqrt(unbiased * ((count - 1) / count) + eps)
-        normalised = (x - mean) * inv_std
-        grad_bias = grad_y.sum(axis=axes)
-        grad_weight = (grad_y * normalised).sum(axis=axes)
+        normalised = on_streams(lambda x: (x - mean) * inv_std, slices)
+        grad_bias = sum(on_streams(lambda g: g.sum(axis=axes), grad_ys))
+        grad_weight = sum(on_streams(lambda g, n: (g * n).sum(axis=axes), grad_ys, normalised))
         scale = weight * inv_std
         per_channel_shift = grad_mean / count - scale * grad_bias / count
         per_channel_slope = grad_var * (2 / (count - 1)) / inv_std - scale * grad_weight / count
-        return scale * grad_y + per_channel_shift + per_channel_slope * normalised, grad_weight, grad_bias
+        grad_slices = on_streams(lambda g, n: scale * g + per_channel_shift + per_channel_slope * n,
+                                 grad_ys, normalised)
+        return grad_weight, grad_bias, grad_slices
 
     return batch_norm
 
@@ -236,6 +262,7 @@ class Backend:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self.cpu_streams = cpu_streams  # streams the batch is split across
         self._strided_convs_as_gemm = False  # see for_gradients
+        self._shifted_gemm_min_pixels = self.SHIFTED_GEMM_MIN_PIXELS  # see for_gradients
         self._per_thread = threading.local()  # MLX binds a stream to the thread that made it
         self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
                         "(all cores for one stream at batch 1)") if self.device == "cpu" else "device"
@@ -313,10 +340,16 @@ class Backend:
         if self.device == "cpu" and (groups > 1 or (stride > 1 and (self._strided_convs_as_gemm or exact))):
             return self._channel_major_conv(x, weight, bias, stride, padding, groups)
         if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
-                and (x.shape[1] * x.shape[2] >= self.SHIFTED_GEMM_MIN_PIXELS or exact):
+                and (x.shape[1] * x.shape[2] >= self._shifted_gemm_min_pixels or exact):
             return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
         return y if bias is None else y + bias
+
+    def for_training(self) -> Backend | _BatchSplit:
+        """This backend as a training step runs it: ``for_gradients``, with the batch split across the
+        CPU streams when there are several (``_BatchSplit``; resnet20 at batch 128: see perf_log.md)."""
+        differentiated = self.for_gradients()
+        return _BatchSplit(differentiated) if self.device == "cpu" and self.cpu_streams > 1 else differentiated
 
     def for_gradients(self) -> Backend:
         """This backend as training differentiates it: strided convs as im2col GEMMs. MLX's own strided
@@ -324,12 +357,17 @@ class Backend:
         on CPU (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
         variant = copy.copy(self)
         variant._strided_convs_as_gemm = self.device == "cpu"
+        variant._shifted_gemm_min_pixels = self.TRAINING_SHIFTED_GEMM_MIN_PIXELS
         return variant
 
     # MLX's CPU conv is im2col + one GEMM; at large feature maps the im2col copy costs more
     # than the GEMM (ResNet-50 3x3 at 56x56: 78 ms of copy vs 22 ms of GEMM), so there
     # the conv becomes k*k accumulated GEMMs on shifted views instead (see _shifted_gemm_conv).
     SHIFTED_GEMM_MIN_PIXELS = 28 * 28
+    # Differentiated, the shifted GEMMs win at smaller maps too: MLX's conv gradient runs two more
+    # im2col convs (ResNet-20's 3x3 at 16x16, 32 channels, batch 64, one thread: forward and
+    # gradient 24.5 ms shifted vs 50.3 ms MLX; at 8x8 with 64 channels 25.4 vs 23.5, a tie).
+    TRAINING_SHIFTED_GEMM_MIN_PIXELS = 16 * 16
 
     def _pointwise_conv(self, x, weight, bias, stride):
         # a 1x1 conv is one GEMM over pixels: (N*H*W, C) @ (C, O); MLX's conv path is 1.5-7x slower
@@ -342,7 +380,7 @@ class Backend:
         return y.reshape(n, h, w, -1)
 
     def _shifted_gemm_conv(self, x, weight, bias, padding):
-        y = _shifted_gemm(padding)(x, weight)
+        y = _shifted_gemm(padding, mx.default_stream(self._device))(x, weight)
         return y if bias is None else y + bias
 
     def _channel_major_conv(self, x, weight, bias, stride, padding, groups):
@@ -388,16 +426,27 @@ class Backend:
     def batch_norm_train(self, x, weight, bias, eps):
         if self._global_sum is not None:
             return self._synchronized_batch_norm(x, weight, bias, eps)
-        return _batch_norm_train(eps)(x, weight, bias)
+        if isinstance(x, _Slices):  # the split-batch training view: one slice per stream
+            mean, var, ys = _batch_norm_train(eps, tuple(self._streams()[:len(x)]))(weight, bias, list(x))
+            return _Slices(ys), mean, var
+        mean, var, (y,) = _batch_norm_train(eps, (mx.default_stream(self._device),))(weight, bias, [x])
+        return y, mean, var
 
     def _synchronized_batch_norm(self, x, weight, bias, eps):
-        # the global batch's statistics, in two passes as above (mean, then the centred sum of squares):
-        # every rank holds an equal share, so the global count is the local one times the ranks
-        count = x.shape[0] * x.shape[1] * x.shape[2] * self._ranks
-        mean = self._global_sum(mx.sum(x, axis=(0, 1, 2))) / count
-        centered = x - mean
-        var = self._global_sum(mx.sum(centered * centered, axis=(0, 1, 2))) / count
-        return centered * (weight * mx.rsqrt(var + eps)) + bias, mean, var * (count / (count - 1))
+        # the global batch's statistics, in two passes as above (mean, then the centred sum of squares),
+        # by autodiff: every rank holds an equal share, so the global count is the local one times the
+        # ranks. ``x`` may be a split batch (_Slices, one per stream).
+        slices = list(x) if isinstance(x, _Slices) else [x]
+        on_streams = functools.partial(_on_streams, self._streams() if isinstance(x, _Slices)
+                                       else [mx.default_stream(self._device)])
+        count = sum(part.shape[0] for part in slices) * slices[0].shape[1] * slices[0].shape[2] * self._ranks
+        mean = self._global_sum(sum(on_streams(lambda part: mx.sum(part, axis=(0, 1, 2)), slices))) / count
+        centered = on_streams(lambda part: part - mean, slices)
+        var = self._global_sum(sum(on_streams(lambda c: mx.sum(c * c, axis=(0, 1, 2)), centered))) / count
+        scale = weight * mx.rsqrt(var + eps)
+        ys = on_streams(lambda c: c * scale + bias, centered)
+        y = _Slices(ys) if isinstance(x, _Slices) else ys[0]
+        return y, mean, var * (count / (count - 1))
 
     def data_parallel(self, group: ProcessGroup, *, sync_bn: bool = False) -> Backend:
         """This backend as one replica of ``group``: ``all_reduce_mean`` for the train step (MLX's
@@ -490,6 +539,84 @@ class Backend:
 
     def linear(self, x, weight, bias):
         return x @ weight.T + bias
+
+
+class _Slices(tuple):
+    """One activation of the split-batch training view: slices of the batch, one per CPU stream."""
+
+
+class _BatchSplit:
+    """The MLX CPU backend as training runs it (``Backend.for_training``): the batch split across
+    the CPU streams.
+
+    MLX runs a CPU stream's ops on one thread, and ResNet-20's step at batch 128 is thin GEMMs
+    (16-64 channels) and memory-bound passes that gain nothing from a second BLAS thread. So each
+    activation is held as slices of the batch (``_Slices``), every primitive runs per slice on
+    that slice's stream (one BLAS thread each), train-mode BN adds the slices' partial sums into
+    the whole batch's statistics, and the slices join at the global pool: the same function as
+    the unsplit batch, computed on every core.
+    """
+
+    def __init__(self, backend: Backend):
+        self._backend = backend  # the differentiated variant (Backend.for_gradients) each slice runs on
+        self.dtype = backend.dtype
+
+    def _split(self, x) -> _Slices:
+        if isinstance(x, _Slices):
+            return x
+        parts = min(self._backend.cpu_streams, x.shape[0])
+        _set_blas_threads(max(1, _cpu_cores() // parts))  # the slices' GEMMs run side by side
+        return _Slices(mx.split(x, [x.shape[0] * i // parts for i in range(1, parts)], axis=0))
+
+    def _each(self, primitive: str, *activations_then_args):
+        """``primitive`` on each slice, on the slice's stream (the leading arguments that are slices zip)."""
+        count = sum(isinstance(a, _Slices) for a in activations_then_args) or 1
+        slices = [self._split(a) for a in activations_then_args[:count]]
+        rest = activations_then_args[count:]
+        function = getattr(self._backend, primitive)
+        return _Slices(_on_streams(self._backend._streams(), lambda *parts: function(*parts, *rest), *slices))
+
+    def conv2d(self, x, weight, bias, stride, padding, groups):
+        return self._each("conv2d", x, weight, bias, stride, padding, groups)
+
+    def batch_norm(self, x, weight, bias, mean, var, eps):
+        return self._each("batch_norm", x, weight, bias, mean, var, eps)
+
+    def channel_affine(self, x, scale, shift):
+        return self._each("channel_affine", x, scale, shift)
+
+    def relu(self, x):
+        return self._each("relu", x)
+
+    def max_pool(self, x, kernel_size, stride, padding):
+        return self._each("max_pool", x, kernel_size, stride, padding)
+
+    def zero_pad(self, x, padding):
+        return self._each("zero_pad", x, padding)
+
+    def avg_pool(self, x, kernel_size, stride):
+        return self._each("avg_pool", x, kernel_size, stride)
+
+    def subsample(self, x, stride):
+        return self._each("subsample", x, stride)
+
+    def pad_channels(self, x, before, after):
+        return self._each("pad_channels", x, before, after)
+
+    def add(self, x, y):
+        return self._each("add", self._split(x), self._split(y))
+
+    def global_avg_pool(self, x):
+        return mx.concatenate(self._each("global_avg_pool", x), axis=0)  # (N, C): the slices end here
+
+    def linear(self, x, weight, bias):
+        return self._backend.linear(mx.concatenate(x, axis=0) if isinstance(x, _Slices) else x, weight, bias)
+
+    def batch_norm_train(self, x, weight, bias, eps):
+        return self._backend.batch_norm_train(self._split(x), weight, bias, eps)  # statistics over every slice
+
+    def cross_entropy(self, logits, targets):
+        return self._backend.cross_entropy(logits, targets)
 
 
 # -- data parallel: this process as one rank of a group (portres.training.distributed) ----------------

@@ -157,6 +157,11 @@ def _batch_norm_without_the_mean_gradient(backend: str):
         shape = lambda v, x: v.reshape(1, -1, 1, 1)  # noqa: E731
 
     def broken(self, x, weight, bias, eps):
+        if isinstance(x, tuple):  # MLX's split-batch training view: one slice of the batch per CPU stream
+            import mlx.core as mx
+
+            y, mean, var = broken(self, mx.concatenate(list(x), axis=0), weight, bias, eps)
+            return type(x)(mx.split(y, np.cumsum([part.shape[0] for part in x])[:-1].tolist(), axis=0)), mean, var
         count = x.numel() / x.shape[1] if backend == "torch" else x.size // x.shape[-1] if backend == "mlx" \
             else x.numel() // x.shape[1]
         mean = mean_of(x)
@@ -208,7 +213,8 @@ def test_gate_margin_finds_a_relu_input_at_its_kink():
 
 
 @pytest.mark.skipif("mlx" not in FRAMEWORKS, reason="mlx not installed")
-def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_included():
+@pytest.mark.parametrize("slices", [1, 2], ids=["whole batch", "split over two streams"])
+def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_included(slices):
     import mlx.core as mx
 
     from portres.backends.mlx import _batch_norm_train
@@ -227,7 +233,43 @@ def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_inclu
     def objective(fn):
         return lambda *args: sum((out * p).sum() for out, p in zip(fn(*args), probe))
 
-    ours = mx.grad(objective(_batch_norm_train(1e-5)), argnums=(0, 1, 2))(x, weight, bias)
+    streams = tuple(mx.new_stream(mx.cpu) for _ in range(slices))
+    split = _batch_norm_train(1e-5, streams)  # on slices of the batch (1 and 2 images), one per stream
+
+    def ours_as_formula(x, weight, bias):
+        mean, var, ys = split(weight, bias, mx.split(x, [1], axis=0) if slices == 2 else [x])
+        return mx.concatenate(ys, axis=0), mean, var
+
+    ours = mx.grad(objective(ours_as_formula), argnums=(0, 1, 2))(x, weight, bias)
     autodiff = mx.grad(objective(formula), argnums=(0, 1, 2))(x, weight, bias)
     for a, b in zip(ours, autodiff):
         assert np.allclose(np.array(a), np.array(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("mlx" not in FRAMEWORKS, reason="mlx not installed")
+@pytest.mark.parametrize(("name", "streams"), [("basic_A", 2), ("bottleneck_B_grouped", 3)])
+def test_mlx_split_batch_training_view_computes_the_whole_batchs_gradients(name, streams):
+    """MLX on several CPU streams splits a training batch across them (5 images over 3 streams: slices
+    of 1, 2 and 2); loss, gradients and running statistics are the unsplit batch's (float64)."""
+    from portres.backends import mlx as mlx_backend
+    from portres.training.grads import gradient_function, soft_targets, trainable_names
+
+    spec = COVERING[name]
+    plan = portres.make_plan(spec)
+    images, labels, params = parity.gradient_case(spec, 16, batch=5)
+    targets = soft_targets(labels, spec.num_classes, 0.0, np.float64)
+    results = []
+    for cpu_streams in (1, streams):
+        lowering = mlx_backend.Backend(device="cpu", dtype="float64", cpu_streams=cpu_streams)
+        assert type(lowering.for_training()).__name__ == ("_BatchSplit" if cpu_streams > 1 else "Backend")
+        arrays = lowering.load_params(plan, params)
+        trainable = {name: arrays[name] for name in trainable_names(plan)}
+        buffers = {name: value for name, value in arrays.items() if name not in trainable}
+        loss, logits, stats, grads = gradient_function(plan, lowering)(
+            trainable, buffers, lowering.from_numpy(images), lowering.from_numpy(targets))
+        results.append({"loss": lowering.to_numpy(loss), "logits": lowering.to_numpy(logits),
+                        **{name: lowering.to_numpy(value) for name, value in {**stats, **grads}.items()}})
+    whole, split = results
+    assert whole.keys() == split.keys()
+    for name in whole:
+        np.testing.assert_allclose(split[name], whole[name], rtol=1e-10, atol=1e-13, err_msg=name)

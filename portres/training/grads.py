@@ -69,6 +69,13 @@ def differentiable(lowering):
     return getattr(lowering, "for_gradients", lambda: lowering)()
 
 
+def training_view(lowering):
+    """The variant a training step runs: ``differentiable``, or the backend's own training view where
+    it has one (MLX on several CPU streams splits the batch across them; its activations are then
+    the backend's own and only the logits come out)."""
+    return getattr(lowering, "for_training", lambda: differentiable(lowering))()
+
+
 def trainable_names(plan: Plan) -> list[str]:
     return [name for name, (_, trainable) in plan.param_shapes().items() if trainable]
 
@@ -95,7 +102,7 @@ def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
 
         return reference
 
-    differentiated = differentiable(lowering)
+    differentiated = training_view(lowering)
 
     def loss_fn(trainable, buffers, images, targets):
         values, running_stats = run_plan_train(plan, differentiated, {**trainable, **buffers}, images,
