@@ -117,11 +117,13 @@ def _sum_of_products(pairs):
 
 
 def _padded_rows(x, padding: int, kernel: int):
-    """``x`` zero-padded and flattened to rows of pixels, with zero rows behind for the last taps' shifts."""
+    """``x`` zero-padded and flattened to rows of pixels, with zero rows behind for the last taps' shifts
+    (a zero image: one copy, where padding the rows again would be a second)."""
     n, h, w, c = x.shape
     hp, wp = h + 2 * padding, w + 2 * padding
-    rows = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)]).reshape(n * hp * wp, c)
-    return mx.pad(rows, [(0, (kernel - 1) * (wp + 1)), (0, 0)]), n * hp * wp, wp
+    assert hp * wp >= (kernel - 1) * (wp + 1), "the zero image must cover the last tap's shift"
+    rows = mx.pad(x, [(0, 1), (padding, padding), (padding, padding), (0, 0)]).reshape((n + 1) * hp * wp, c)
+    return rows, n * hp * wp, wp
 
 
 @functools.cache
@@ -161,14 +163,15 @@ def _shifted_gemm_vjp(padding: int, x, weight, cotangent):
     out_channels, kernel = weight.shape[0], weight.shape[1]
     rows, m, wp = _padded_rows(x, padding, kernel)
     hp = h + 2 * padding
-    # the output gradient on the padded grid (zero at the garbage columns), as rows
-    grad_rows = mx.pad(cotangent, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)]).reshape(m, out_channels)
+    # the output gradient on the padded grid (zero at the garbage columns), as rows, behind a zero image
+    # (one copy) that the input gradient's backward shifts read from
+    front = hp * wp
+    padded = mx.pad(cotangent, [(1, 0), (0, hp - h), (0, wp - w), (0, 0)]).reshape(front + m, out_channels)
+    grad_rows = padded[front:]
     shifts = _tap_shifts(kernel, wp)
     grad_taps = mx.stack([rows[shift:shift + m].T @ grad_rows for shift in shifts])  # (K*K, C, O)
     grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2)
-    # each input row received grad_rows[r - shift] @ W[tap].T from every tap: shift back from the front
-    front = shifts[-1]
-    padded = mx.pad(grad_rows, [(front, 0), (0, 0)])
+    # each input row received grad_rows[r - shift] @ W[tap].T from every tap
     taps_t = weight.transpose(1, 2, 0, 3).reshape(kernel * kernel, out_channels, c)  # (K*K, O, C)
     grad_input_rows = _sum_of_products((padded[front - shift:front - shift + m], taps_t[tap])
                                        for tap, shift in enumerate(shifts))
