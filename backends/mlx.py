@@ -128,7 +128,8 @@ def _padded_rows(x, padding: int, kernel: int):
 
 @functools.cache
 def _shifted_gemm(padding: int, stream):
-    """Stride-1 KxK conv (NHWC x OHWI) without im2col, with its own gradient, on ``stream``.
+    """Stride-1 KxK conv (NHWC x OHWI, zero padding ``padding``) without im2col, with its own gradient,
+    on ``stream``.
 
     On the zero-padded input flattened to rows of pixels, the tap (i, j) of every output pixel
     is the input row shifted by i*padded_width + j. So out = sum over taps of rows[shift:shift+M]
@@ -147,7 +148,8 @@ def _shifted_gemm(padding: int, stream):
         rows, m, wp = _padded_rows(x, padding, kernel)
         taps = weight.transpose(1, 2, 3, 0).reshape(kernel * kernel, x.shape[3], out_channels)  # (K*K, C, O)
         acc = _sum_of_products((rows[shift:shift + m], taps[tap]) for tap, shift in enumerate(_tap_shifts(kernel, wp)))
-        return acc.reshape(n, -1, wp, out_channels)[:, :h, :w, :]
+        out_h, out_w = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+        return acc.reshape(n, -1, wp, out_channels)[:, :out_h, :out_w, :]
 
     @conv.vjp
     def conv_vjp(primals, cotangent, output):
@@ -166,7 +168,8 @@ def _shifted_gemm_vjp(padding: int, x, weight, cotangent):
     # the output gradient on the padded grid (zero at the garbage columns), as rows, behind a zero image
     # (one copy) that the input gradient's backward shifts read from
     front = hp * wp
-    padded = mx.pad(cotangent, [(1, 0), (0, hp - h), (0, wp - w), (0, 0)]).reshape(front + m, out_channels)
+    out_h, out_w = cotangent.shape[1:3]
+    padded = mx.pad(cotangent, [(1, 0), (0, hp - out_h), (0, wp - out_w), (0, 0)]).reshape(front + m, out_channels)
     grad_rows = padded[front:]
     shifts = _tap_shifts(kernel, wp)
     grad_taps = mx.stack([rows[shift:shift + m].T @ grad_rows for shift in shifts])  # (K*K, C, O)
@@ -340,6 +343,8 @@ class Backend:
             return self._pointwise_conv(x, weight, bias, stride)
         # MLX's own conv computes float64 in float32 (1.5e-7 off on CPU): float64 runs GEMMs only
         exact = self.dtype == "float64"
+        if self.device == "cpu" and groups == 1 and stride > 1 and self._strided_convs_as_gemm:
+            return self._space_to_depth_conv(x, weight, bias, stride, padding)
         if self.device == "cpu" and (groups > 1 or (stride > 1 and (self._strided_convs_as_gemm or exact))):
             return self._channel_major_conv(x, weight, bias, stride, padding, groups)
         if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
@@ -369,8 +374,8 @@ class Backend:
     SHIFTED_GEMM_MIN_PIXELS = 28 * 28
     # Differentiated, the shifted GEMMs win at smaller maps too: MLX's conv gradient runs two more
     # im2col convs (ResNet-20's 3x3 at 16x16, 32 channels, batch 64, one thread: forward and
-    # gradient 24.5 ms shifted vs 50.3 ms MLX; at 8x8 with 64 channels 25.4 vs 23.5, a tie).
-    TRAINING_SHIFTED_GEMM_MIN_PIXELS = 16 * 16
+    # gradient 24.5 ms shifted vs 50.3 ms MLX; at 8x8 with 64 channels 24-33 vs 36-37 ms).
+    TRAINING_SHIFTED_GEMM_MIN_PIXELS = 8 * 8
 
     def _pointwise_conv(self, x, weight, bias, stride):
         # a 1x1 conv is one GEMM over pixels: (N*H*W, C) @ (C, O); MLX's conv path is 1.5-7x slower
@@ -384,6 +389,29 @@ class Backend:
 
     def _shifted_gemm_conv(self, x, weight, bias, padding):
         y = _shifted_gemm(padding, mx.default_stream(self._device))(x, weight)
+        return y if bias is None else y + bias
+
+    def _space_to_depth_conv(self, x, weight, bias, stride, padding):
+        # A KxK conv with stride s is a ceil(K/s)-square stride-1 conv over the padded input's s x s
+        # space-to-depth (s*s*C channels; output pixel (y, x) reads the blocks y..y+ceil(K/s)-1), whose
+        # taps are the kernel's, zero-padded to a multiple of s. So strided convs get the shifted GEMMs
+        # and their fast gradient (resnet20's 3x3/2 at 32x32, batch 64, one thread: forward and
+        # gradient 88.7 ms channel-major -> see perf_log.md) for 16/9 of the multiply-adds.
+        n, h, w, c = x.shape
+        out_channels, kernel = weight.shape[0], weight.shape[1]
+        taps = -(-kernel // stride)  # per axis, after the transform
+        out_h, out_w = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        blocks_h, blocks_w = out_h + taps - 1, out_w + taps - 1
+        # pad (or crop) to exactly blocks * stride rows and columns
+        x = mx.pad(x, [(0, 0), (padding, max(0, blocks_h * stride - h - padding)),
+                       (padding, max(0, blocks_w * stride - w - padding)), (0, 0)])[:, :blocks_h * stride,
+                                                                                     :blocks_w * stride, :]
+        z = x.reshape(n, blocks_h, stride, blocks_w, stride, c).transpose(0, 1, 3, 2, 4, 5)
+        z = z.reshape(n, blocks_h, blocks_w, stride * stride * c)
+        grown = taps * stride
+        weight = mx.pad(weight, [(0, 0), (0, grown - kernel), (0, grown - kernel), (0, 0)])
+        weight = weight.reshape(out_channels, taps, stride, taps, stride, c).transpose(0, 1, 3, 2, 4, 5)
+        y = _shifted_gemm(0, mx.default_stream(self._device))(z, weight.reshape(out_channels, taps, taps, -1))
         return y if bias is None else y + bias
 
     def _channel_major_conv(self, x, weight, bias, stride, padding, groups):

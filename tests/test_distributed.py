@@ -9,6 +9,7 @@ before evaluation, because the cost here is the frameworks' start-up and compila
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -70,8 +71,9 @@ def reference_state(config: TrainConfig, shards: int, steps: int, backend: str =
             for images, labels in batches:
                 if step == steps:
                     return params
-                parts = [loss_and_grads(spec, backend, params, x, y) for x, y in
-                         zip(np.split(images, shards), np.split(labels, shards))]
+                with one_core_like_a_rank():
+                    parts = [loss_and_grads(spec, backend, params, x, y) for x, y in
+                             zip(np.split(images, shards), np.split(labels, shards))]
                 grads = {name: sum(part[1][name] for part in parts) / shards for name in names}
                 stats = {name: sum(part[2][name] for part in parts) / shards for name in parts[0][2]}
                 updated, slots = optimizer.update({name: params[name] for name in names}, grads, slots,
@@ -79,6 +81,22 @@ def reference_state(config: TrainConfig, shards: int, steps: int, backend: str =
                 params = {**updated, **stats}
                 step += 1
     return params
+
+
+@contextlib.contextmanager
+def one_core_like_a_rank():
+    """This thread on one core while the reference computes, as each local rank runs (portres pins its
+    ranks to a share of the cores): MLX on several cores splits a batch across CPU streams, whose float32
+    sums round differently, enough to flip a ReLU at its kink on digits' flat backgrounds."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def relative_error(state: dict, reference: dict) -> float:
