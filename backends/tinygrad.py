@@ -145,10 +145,33 @@ class Backend:
         if stride > 1 and kernel == 1 and padding == 0:
             # subsample first (one cheap copy): the strided 1x1 read its input at 12 GFLOP/s
             x, stride = x[:, :, ::stride, ::stride].contiguous(), 1
+        if stride > 1 and groups == 1 and self._strided_convs_to_depth:
+            return self._space_to_depth_conv(x, weight, bias, stride, padding)
         # Winograd F(4x4, 3x3) for stride-1 3x3 convs: ~4x fewer multiplies; on CPU ResNet-18
         # goes 3.8 -> 9.3 images/s, ResNet-50 1.8 -> 2.6, parity unchanged (1e-6)
         with Context(WINO=int(self.winograd)):
             return x.conv2d(weight, bias, groups=groups, stride=stride, padding=padding)
+
+    _strided_convs_to_depth = False  # see for_gradients
+
+    def _space_to_depth_conv(self, x, weight, bias, stride, padding):
+        # A KxK conv with stride s is a ceil(K/s)-square stride-1 conv over the padded input's s x s
+        # space-to-depth (s*s*C channels), with the kernel zero-padded to a multiple of s (as MLX's).
+        # Differentiated, tinygrad's strided conv made two weight-gradient kernels that ran at 2-3
+        # GFLOP/s and took 2 of resnet20's 7.6 s per step (DEBUG=2).
+        n, c, h, w = x.shape
+        out_channels, kernel = weight.shape[0], weight.shape[2]
+        taps = -(-kernel // stride)
+        out_h, out_w = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        blocks_h, blocks_w = out_h + taps - 1, out_w + taps - 1
+        x = x.pad((padding, max(0, blocks_w * stride - w - padding), padding,
+                   max(0, blocks_h * stride - h - padding)))[:, :, :blocks_h * stride, :blocks_w * stride]
+        z = x.reshape(n, c, blocks_h, stride, blocks_w, stride).permute(0, 3, 5, 1, 2, 4)
+        z = z.reshape(n, stride * stride * c, blocks_h, blocks_w)
+        grown = taps * stride
+        weight = weight.pad((0, grown - kernel, 0, grown - kernel))
+        weight = weight.reshape(out_channels, c, taps, stride, taps, stride).permute(0, 3, 5, 1, 2, 4)
+        return z.conv2d(weight.reshape(out_channels, -1, taps, taps), bias)
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
         scale = weight * (var + eps).rsqrt()
@@ -230,8 +253,11 @@ class Backend:
 
     def for_gradients(self) -> Backend:
         """This backend as training differentiates it: without Winograd, whose transforms' gradients
-        add kernels (resnet20's step: 715 -> 494 kernels; first call 241 -> 165 s, steps no slower)."""
-        return self.for_nonfinite_input()
+        add kernels (resnet20's step: 715 -> 494 kernels; first call 241 -> 165 s, steps no slower), and
+        strided convs over the space-to-depth input (see _space_to_depth_conv)."""
+        variant = copy.copy(self.for_nonfinite_input())
+        variant._strided_convs_to_depth = True
+        return variant
 
     def for_nonfinite_input(self) -> Backend:
         """This backend without Winograd: its 6x6 input tiles spread one NaN/inf over a 4x4 output tile,
