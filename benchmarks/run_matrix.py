@@ -129,11 +129,10 @@ def scaling_section(records: list[dict]) -> list[str]:
                  f"{row['images_per_s']:.2f}", cell(row["speed_up"], "{:.2f}x"), cell(row["efficiency"], "{:.0%}"),
                  cell(row["all_reduce_ms"], "{:.1f}"), cell(row["all_reduce_share"], "{:.0%}")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", f"What limits it here: {os.cpu_count()} CPU cores in all. One process already uses every core for "
-              "its GEMMs, so a second process shares the same cores instead of adding any; what it can buy is "
-              "overlap (one rank's single-threaded elementwise passes - MLX runs a stream's elementwise ops on one "
-              "thread - beside the other's GEMMs), minus the all-reduce over loopback. On a machine with a device "
-              "per rank (GPUs) the ranks add compute instead.", ""]
+    lines += ["", f"What limits it here: {os.cpu_count()} CPU cores in all. One process already uses every core "
+              "(torch's intra-op threads; MLX splits a training batch across one CPU stream per core), so a second "
+              "process shares the same cores instead of adding any, and pays the all-reduce over loopback. On a "
+              "machine with a device per rank (GPUs) the ranks add compute instead.", ""]
     return lines
 
 
