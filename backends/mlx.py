@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import _blas
+from ._space_to_depth import space_to_depth
 
 
 def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None, str]:
@@ -182,6 +183,11 @@ def _shifted_gemm_vjp(padding: int, x, weight, cotangent):
     return grad_x, grad_weight
 
 
+def _pixels(slices) -> int:
+    """Pixels per channel in a batch held as NHWC slices (BN's count)."""
+    return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
+
+
 def _on_streams(streams, function, *per_slice) -> list:
     """``[function(*arguments of slice i) on streams[i]]``: one batch slice's work per CPU stream."""
     outs = []
@@ -207,12 +213,9 @@ def _batch_norm_train(eps: float, streams: tuple):
     axes = (0, 1, 2)
     on_streams = functools.partial(_on_streams, streams)
 
-    def counted(slices):
-        return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
-
     @mx.custom_function
     def batch_norm(weight, bias, slices):
-        count = counted(slices)
+        count = _pixels(slices)
         mean = sum(on_streams(lambda x: mx.sum(x, axis=axes), slices)) / count
         centered = on_streams(lambda x: x - mean, slices)
         var = sum(on_streams(lambda c: mx.sum(c * c, axis=axes), centered)) / count
@@ -224,7 +227,7 @@ def _batch_norm_train(eps: float, streams: tuple):
         weight, _, slices = primals
         grad_mean, grad_var, grad_ys = cotangents
         mean, unbiased, _ = outputs
-        count = counted(slices)
+        count = _pixels(slices)
         inv_std = mx.rsqrt(unbiased * ((count - 1) / count) + eps)
         normalised = on_streams(lambda x: (x - mean) * inv_std, slices)
         grad_bias = sum(on_streams(lambda g: g.sum(axis=axes), grad_ys))
@@ -360,9 +363,10 @@ class Backend:
         return _BatchSplit(differentiated) if self.device == "cpu" and self.cpu_streams > 1 else differentiated
 
     def for_gradients(self) -> Backend:
-        """This backend as training differentiates it: strided convs as im2col GEMMs. MLX's own strided
-        conv is faster forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower
-        on CPU (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
+        """This backend as training differentiates it: 3x3 convs as shifted GEMMs down to 8x8 maps, strided
+        ones over the space-to-depth input (grouped ones channel-major). MLX's own strided conv is faster
+        forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower on CPU
+        (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
         variant = copy.copy(self)
         variant._strided_convs_as_gemm = self.device == "cpu"
         variant._shifted_gemm_min_pixels = self.TRAINING_SHIFTED_GEMM_MIN_PIXELS
@@ -392,26 +396,20 @@ class Backend:
         return y if bias is None else y + bias
 
     def _space_to_depth_conv(self, x, weight, bias, stride, padding):
-        # A KxK conv with stride s is a ceil(K/s)-square stride-1 conv over the padded input's s x s
-        # space-to-depth (s*s*C channels; output pixel (y, x) reads the blocks y..y+ceil(K/s)-1), whose
-        # taps are the kernel's, zero-padded to a multiple of s. So strided convs get the shifted GEMMs
-        # and their fast gradient (resnet20's 3x3/2 at 32x32, batch 64, one thread: forward and
-        # gradient 88.7 ms channel-major -> see perf_log.md) for 16/9 of the multiply-adds.
+        # strided convs as stride-1 shifted GEMMs (and their fast gradient) over the space-to-depth
+        # input (backends/_space_to_depth.py): resnet20's 3x3/2 at 32x32, batch 64, one thread, forward
+        # and gradient 64.6 ms channel-major -> 35.4 ms
         n, h, w, c = x.shape
         out_channels, kernel = weight.shape[0], weight.shape[1]
-        taps = -(-kernel // stride)  # per axis, after the transform
-        out_h, out_w = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
-        blocks_h, blocks_w = out_h + taps - 1, out_w + taps - 1
-        # pad (or crop) to exactly blocks * stride rows and columns
-        x = mx.pad(x, [(0, 0), (padding, max(0, blocks_h * stride - h - padding)),
-                       (padding, max(0, blocks_w * stride - w - padding)), (0, 0)])[:, :blocks_h * stride,
-                                                                                     :blocks_w * stride, :]
-        z = x.reshape(n, blocks_h, stride, blocks_w, stride, c).transpose(0, 1, 3, 2, 4, 5)
-        z = z.reshape(n, blocks_h, blocks_w, stride * stride * c)
-        grown = taps * stride
-        weight = mx.pad(weight, [(0, 0), (0, grown - kernel), (0, grown - kernel), (0, 0)])
-        weight = weight.reshape(out_channels, taps, stride, taps, stride, c).transpose(0, 1, 3, 2, 4, 5)
-        y = _shifted_gemm(0, mx.default_stream(self._device))(z, weight.reshape(out_channels, taps, taps, -1))
+        g = space_to_depth(h, w, kernel=kernel, stride=stride, padding=padding)
+        x = mx.pad(x, [(0, 0), (padding, g.pad_bottom), (padding, g.pad_right), (0, 0)])
+        x = x[:, :g.blocks_h * stride, :g.blocks_w * stride, :]
+        z = x.reshape(n, g.blocks_h, stride, g.blocks_w, stride, c).transpose(0, 1, 3, 2, 4, 5)
+        z = z.reshape(n, g.blocks_h, g.blocks_w, stride * stride * c)
+        grow = g.grown_kernel - kernel
+        weight = mx.pad(weight, [(0, 0), (0, grow), (0, grow), (0, 0)])
+        weight = weight.reshape(out_channels, g.taps, stride, g.taps, stride, c).transpose(0, 1, 3, 2, 4, 5)
+        y = _shifted_gemm(0, mx.default_stream(self._device))(z, weight.reshape(out_channels, g.taps, g.taps, -1))
         return y if bias is None else y + bias
 
     def _channel_major_conv(self, x, weight, bias, stride, padding, groups):
@@ -470,7 +468,7 @@ class Backend:
         slices = list(x) if isinstance(x, _Slices) else [x]
         on_streams = functools.partial(_on_streams, self._streams() if isinstance(x, _Slices)
                                        else [mx.default_stream(self._device)])
-        count = sum(part.shape[0] for part in slices) * slices[0].shape[1] * slices[0].shape[2] * self._ranks
+        count = _pixels(slices) * self._ranks
         mean = self._global_sum(sum(on_streams(lambda part: mx.sum(part, axis=(0, 1, 2)), slices))) / count
         centered = on_streams(lambda part: part - mean, slices)
         var = self._global_sum(sum(on_streams(lambda c: mx.sum(c * c, axis=(0, 1, 2)), centered))) / count
@@ -599,13 +597,11 @@ class _BatchSplit:
         _set_blas_threads(max(1, _cpu_cores() // parts))  # the slices' GEMMs run side by side
         return _Slices(mx.split(x, [x.shape[0] * i // parts for i in range(1, parts)], axis=0))
 
-    def _each(self, primitive: str, *activations_then_args):
-        """``primitive`` on each slice, on the slice's stream (the leading arguments that are slices zip)."""
-        count = sum(isinstance(a, _Slices) for a in activations_then_args) or 1
-        slices = [self._split(a) for a in activations_then_args[:count]]
-        rest = activations_then_args[count:]
+    def _each(self, primitive: str, x, *args, other=None):
+        """``primitive(slice of x[, slice of other], *args)`` for each slice, on the slice's stream."""
+        activations = [self._split(x)] if other is None else [self._split(x), self._split(other)]
         function = getattr(self._backend, primitive)
-        return _Slices(_on_streams(self._backend._streams(), lambda *parts: function(*parts, *rest), *slices))
+        return _Slices(_on_streams(self._backend._streams(), lambda *parts: function(*parts, *args), *activations))
 
     def conv2d(self, x, weight, bias, stride, padding, groups):
         return self._each("conv2d", x, weight, bias, stride, padding, groups)
@@ -635,7 +631,7 @@ class _BatchSplit:
         return self._each("pad_channels", x, before, after)
 
     def add(self, x, y):
-        return self._each("add", self._split(x), self._split(y))
+        return self._each("add", x, other=y)
 
     def global_avg_pool(self, x):
         return mx.concatenate(self._each("global_avg_pool", x), axis=0)  # (N, C): the slices end here

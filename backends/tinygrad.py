@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 
+from ._space_to_depth import space_to_depth
+
 try:
     from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
@@ -155,23 +157,19 @@ class Backend:
     _strided_convs_to_depth = False  # see for_gradients
 
     def _space_to_depth_conv(self, x, weight, bias, stride, padding):
-        # A KxK conv with stride s is a ceil(K/s)-square stride-1 conv over the padded input's s x s
-        # space-to-depth (s*s*C channels), with the kernel zero-padded to a multiple of s (as MLX's).
-        # Differentiated, tinygrad's strided conv made two weight-gradient kernels that ran at 2-3
-        # GFLOP/s and took 2 of resnet20's 7.6 s per step (DEBUG=2).
+        # strided convs as stride-1 convs over the space-to-depth input (backends/_space_to_depth.py):
+        # differentiated, tinygrad's strided conv made two weight-gradient kernels that ran at 2-3
+        # GFLOP/s and took 2 of resnet20's 7.6 s per step (DEBUG=2)
         n, c, h, w = x.shape
         out_channels, kernel = weight.shape[0], weight.shape[2]
-        taps = -(-kernel // stride)
-        out_h, out_w = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
-        blocks_h, blocks_w = out_h + taps - 1, out_w + taps - 1
-        x = x.pad((padding, max(0, blocks_w * stride - w - padding), padding,
-                   max(0, blocks_h * stride - h - padding)))[:, :, :blocks_h * stride, :blocks_w * stride]
-        z = x.reshape(n, c, blocks_h, stride, blocks_w, stride).permute(0, 3, 5, 1, 2, 4)
-        z = z.reshape(n, stride * stride * c, blocks_h, blocks_w)
-        grown = taps * stride
-        weight = weight.pad((0, grown - kernel, 0, grown - kernel))
-        weight = weight.reshape(out_channels, c, taps, stride, taps, stride).permute(0, 3, 5, 1, 2, 4)
-        return z.conv2d(weight.reshape(out_channels, -1, taps, taps), bias)
+        g = space_to_depth(h, w, kernel=kernel, stride=stride, padding=padding)
+        x = x.pad((padding, g.pad_right, padding, g.pad_bottom))[:, :, :g.blocks_h * stride, :g.blocks_w * stride]
+        z = x.reshape(n, c, g.blocks_h, stride, g.blocks_w, stride).permute(0, 3, 5, 1, 2, 4)
+        z = z.reshape(n, stride * stride * c, g.blocks_h, g.blocks_w)
+        grow = g.grown_kernel - kernel
+        weight = weight.pad((0, grow, 0, grow))
+        weight = weight.reshape(out_channels, c, g.taps, stride, g.taps, stride).permute(0, 3, 5, 1, 2, 4)
+        return z.conv2d(weight.reshape(out_channels, -1, g.taps, g.taps), bias)
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
         scale = weight * (var + eps).rsqrt()

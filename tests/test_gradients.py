@@ -273,3 +273,39 @@ def test_mlx_split_batch_training_view_computes_the_whole_batchs_gradients(name,
     assert whole.keys() == split.keys()
     for name in whole:
         np.testing.assert_allclose(split[name], whole[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+SPACE_TO_DEPTH_CASES = [  # (batch, channels, side, out channels, kernel, stride, padding): odd sides, 7x7/2, 5x5/3
+    (2, 3, 8, 4, 3, 2, 1), (2, 3, 7, 4, 3, 2, 1), (1, 2, 9, 3, 7, 2, 3), (1, 2, 10, 3, 5, 3, 2), (1, 2, 5, 2, 3, 2, 0)]
+
+
+@pytest.mark.parametrize("backend", [name for name in ("mlx", "tinygrad") if name in FRAMEWORKS])
+@pytest.mark.parametrize("case", SPACE_TO_DEPTH_CASES, ids=lambda case: "n{}c{}s{}o{}k{}st{}p{}".format(*case))
+def test_strided_conv_over_the_space_to_depth_input_equals_the_direct_one(backend, case):
+    """Training lowers strided convs as stride-1 convs over the input's space-to-depth: values and both
+    gradients equal the framework's direct strided conv (float32)."""
+    batch, channels, side, out_channels, kernel, stride, padding = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, channels, side, side)).astype(np.float32)
+    weight = rng.standard_normal((out_channels, channels, kernel, kernel)).astype(np.float32)
+    lowering = backends.load(backend).Backend(dtype="float32").for_gradients()
+    if backend == "mlx":
+        import mlx.core as mx
+
+        xs, ws = mx.array(x.transpose(0, 2, 3, 1)), mx.array(weight.transpose(0, 2, 3, 1))
+        rewritten = lambda x, w: lowering._space_to_depth_conv(x, w, None, stride, padding)  # noqa: E731
+        direct = lambda x, w: mx.conv2d(x, w, stride=stride, padding=padding)  # noqa: E731
+        cotangent = mx.array(rng.standard_normal(direct(xs, ws).shape).astype(np.float32))
+        results = [(f(xs, ws), *mx.vjp(f, [xs, ws], [cotangent])[1]) for f in (rewritten, direct)]
+    else:
+        from tinygrad import Tensor
+
+        xs, ws = Tensor(x), Tensor(weight)
+        outputs = [lowering._space_to_depth_conv(xs, ws, None, stride, padding),
+                   xs.conv2d(ws, stride=stride, padding=padding)]
+        cotangent = Tensor(rng.standard_normal(outputs[1].shape).astype(np.float32))
+        results = [(y, *(y * cotangent).sum().gradient(xs, ws)) for y in outputs]
+    for got, want in zip(*results):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.array(got) if backend == "mlx" else got.numpy(),
+                                   np.array(want) if backend == "mlx" else want.numpy(), rtol=1e-4, atol=1e-4)
