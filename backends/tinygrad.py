@@ -17,7 +17,6 @@ from ._space_to_depth import space_to_depth
 try:
     from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
-    from tinygrad.helpers import NUM_CPU_THREADS
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
 
@@ -87,7 +86,9 @@ class Backend:
     def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool = True):
         self.device = _open_device(device)
         self.winograd = winograd  # Winograd 3x3 convs (tinygrad's WINO)
-        self.threads = f"{NUM_CPU_THREADS.value} CPU threads" if self.device.startswith("CPU") else "device"
+        # tinygrad 0.14's CPU runtime runs its kernels one after another on one worker thread, however
+        # many cores there are (a train step's process CPU time equals its wall time)
+        self.threads = "1 CPU worker thread" if self.device.startswith("CPU") else "device"
         self.dtype = dtype or "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
