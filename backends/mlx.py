@@ -188,6 +188,17 @@ def _pixels(slices) -> int:
     return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
 
 
+def _batch_statistics(slices, on_streams, total=lambda partial: partial, ranks: int = 1):
+    """``(count, mean, centred slices, biased variance)`` per channel of a batch held as NHWC slices,
+    in two passes (the mean, then the centred sum of squares) from each slice's partial sums on its
+    stream; ``total`` adds partial sums across ``ranks`` equal shares of the global batch."""
+    count = _pixels(slices) * ranks
+    mean = total(sum(on_streams(lambda x: mx.sum(x, axis=(0, 1, 2)), slices))) / count
+    centered = on_streams(lambda x: x - mean, slices)
+    var = total(sum(on_streams(lambda c: mx.sum(c * c, axis=(0, 1, 2)), centered))) / count
+    return count, mean, centered, var
+
+
 def _on_streams(streams, function, *per_slice) -> list:
     """``[function(*arguments of slice i) on streams[i]]``: one batch slice's work per CPU stream."""
     outs = []
@@ -215,10 +226,7 @@ def _batch_norm_train(eps: float, streams: tuple):
 
     @mx.custom_function
     def batch_norm(weight, bias, slices):
-        count = _pixels(slices)
-        mean = sum(on_streams(lambda x: mx.sum(x, axis=axes), slices)) / count
-        centered = on_streams(lambda x: x - mean, slices)
-        var = sum(on_streams(lambda c: mx.sum(c * c, axis=axes), centered)) / count
+        count, mean, centered, var = _batch_statistics(slices, on_streams)
         scale = weight * mx.rsqrt(var + eps)
         return mean, var * (count / (count - 1)), on_streams(lambda c: c * scale + bias, centered)
 
@@ -270,7 +278,7 @@ class Backend:
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self.cpu_streams = cpu_streams  # streams the batch is split across
-        self._strided_convs_as_gemm = False  # see for_gradients
+        self._strided_convs_to_depth = False  # see for_gradients
         self._shifted_gemm_min_pixels = self.SHIFTED_GEMM_MIN_PIXELS  # see for_gradients
         self._per_thread = threading.local()  # MLX binds a stream to the thread that made it
         self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
@@ -346,9 +354,9 @@ class Backend:
             return self._pointwise_conv(x, weight, bias, stride)
         # MLX's own conv computes float64 in float32 (1.5e-7 off on CPU): float64 runs GEMMs only
         exact = self.dtype == "float64"
-        if self.device == "cpu" and groups == 1 and stride > 1 and self._strided_convs_as_gemm:
+        if self.device == "cpu" and groups == 1 and stride > 1 and self._strided_convs_to_depth:
             return self._space_to_depth_conv(x, weight, bias, stride, padding)
-        if self.device == "cpu" and (groups > 1 or (stride > 1 and (self._strided_convs_as_gemm or exact))):
+        if self.device == "cpu" and (groups > 1 or (stride > 1 and exact)):
             return self._channel_major_conv(x, weight, bias, stride, padding, groups)
         if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
                 and (x.shape[1] * x.shape[2] >= self._shifted_gemm_min_pixels or exact):
@@ -368,7 +376,7 @@ class Backend:
         forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower on CPU
         (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
         variant = copy.copy(self)
-        variant._strided_convs_as_gemm = self.device == "cpu"
+        variant._strided_convs_to_depth = self.device == "cpu"
         variant._shifted_gemm_min_pixels = self.TRAINING_SHIFTED_GEMM_MIN_PIXELS
         return variant
 
@@ -462,16 +470,12 @@ class Backend:
         return y, mean, var
 
     def _synchronized_batch_norm(self, x, weight, bias, eps):
-        # the global batch's statistics, in two passes as above (mean, then the centred sum of squares),
-        # by autodiff: every rank holds an equal share, so the global count is the local one times the
-        # ranks. ``x`` may be a split batch (_Slices, one per stream).
+        # the global batch's statistics, by autodiff: every rank holds an equal share, so the global
+        # count is the local one times the ranks. ``x`` may be a split batch (_Slices, one per stream).
         slices = list(x) if isinstance(x, _Slices) else [x]
         on_streams = functools.partial(_on_streams, self._streams() if isinstance(x, _Slices)
                                        else [mx.default_stream(self._device)])
-        count = _pixels(slices) * self._ranks
-        mean = self._global_sum(sum(on_streams(lambda part: mx.sum(part, axis=(0, 1, 2)), slices))) / count
-        centered = on_streams(lambda part: part - mean, slices)
-        var = self._global_sum(sum(on_streams(lambda c: mx.sum(c * c, axis=(0, 1, 2)), centered))) / count
+        count, mean, centered, var = _batch_statistics(slices, on_streams, self._global_sum, self._ranks)
         scale = weight * mx.rsqrt(var + eps)
         ys = on_streams(lambda c: c * scale + bias, centered)
         y = _Slices(ys) if isinstance(x, _Slices) else ys[0]
