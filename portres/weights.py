@@ -16,12 +16,17 @@ Files are never half-written and never half-read:
   ``_atomic_write(path, write_fn)`` (reusable for any file, e.g. training checkpoints): a
   unique temporary file beside the destination, fsynced and renamed over it, so a crash,
   Ctrl-C or a concurrent writer leaves one complete old or new file and no temporary file.
+  Only a regular file is ever replaced: a device, FIFO, socket or directory at the path or
+  behind its symlinks is refused.
 * PyTorch checkpoints (``.pth``/``.pt``/``.bin``) are read and written by ``interop/pth.py``
   without torch and without running anything from their pickle.
 * Reading validates a file's directory first (the safetensors header, as strictly as the
   reference library; the zip directory and each member's ``.npy`` header) and then reads
   only the tensors needed: a file that does not fit the spec is rejected unread, and a
   small ``.npz`` claiming gigabytes is never decompressed.
+
+Errors list at most the first 20 names or problems of each kind, then how many more, so a
+file of millions of tensors (or a megabyte-long name) gives a message of a few lines.
 
     >>> import portres
     >>> params = portres.init_params(portres.get("resnet18"), seed=0)
@@ -109,6 +114,33 @@ _NUMPY_TO_SAFETENSORS = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() 
 _MAX_HEADER = 100_000_000  # the reference safetensors library's limit on the JSON header
 _NUMERIC_KINDS = "fiu"  # dtype kinds a weight may have: bool, complex, strings and objects are not weights
 _CHUNK = 1 << 24  # bytes per read when filling an array from a file (bounds the temporary buffers)
+_LISTED = 20  # items an error lists of each kind: a file can hold millions of tensors
+_ITEM_CHARS = 300  # longest item listed in full: a tensor name can be megabytes long
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink loop"))
+
+
+def _capped(items, what: str = "more") -> list[str]:
+    """The first ``_LISTED`` of ``items`` as text, then "... and N more" if there are more.
+
+    Every message that lists names or problems goes through this, so its length does not grow
+    with the file: 200,000 unexpected tensors are 20 names and a count, not 1.7 MB of text.
+    """
+    items = list(items)
+    more = [f"... and {len(items) - _LISTED:,} {what}"] if len(items) > _LISTED else []
+    return [str(item) for item in items[:_LISTED]] + more
+
+
+def _listed(names, separator: str = ", ") -> str:
+    """Names for a message: the first ``_LISTED``, each shortened, then how many more."""
+    return separator.join(_shortened(text) for text in _capped(names))
+
+
+def _shortened(text: str) -> str:
+    """``text``, or its start and end around a count of what was left out if it is over ``_ITEM_CHARS``."""
+    if len(text) <= _ITEM_CHARS:
+        return text
+    return f"{text[:150]}...({len(text) - 250:,} characters)...{text[-100:]}"
 
 
 def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
@@ -120,8 +152,11 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
     Ctrl-C or a concurrent writer leaves the complete old file or a complete new one, never
     a mix, and never the temporary file. A new file gets the mode any new file gets (0666
     less the umask); a replaced file keeps its mode; through a symlink, the link's target is
-    replaced and the link kept. A destination that cannot be written (missing or read-only
-    directory, a directory, a read-only file) and any ``OSError`` while writing (a full disk)
+    replaced and the link kept (a dangling link's target is created, as shell redirection
+    does). Only a regular file is ever replaced: a directory, FIFO, device or socket at
+    ``path`` or behind its symlinks is refused, before writing and again just before the
+    rename. A destination that cannot be written (missing or read-only directory, a
+    read-only file, not a regular file) and any ``OSError`` while writing (a full disk)
     raise :class:`WeightsError` naming ``path``, never the temporary file; other exceptions
     from ``write_fn`` pass through unchanged.
 
@@ -130,24 +165,19 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     target = Path(os.path.realpath(path))  # through a symlink: replace its target, keep the link
     directory = target.parent
-    if os.path.isdir(target):
-        raise WeightsError(f"cannot write {path}: it is a directory; give the path of a file inside it")
+    via = f" (via symlink to {target})" if os.path.islink(path) else ""
     try:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             raise NotADirectoryError
     except FileNotFoundError:
-        raise WeightsError(f"cannot write {path}: directory {directory} does not exist; create it first "
+        raise WeightsError(f"cannot write {path}{via}: directory {directory} does not exist; create it first "
                            f"(mkdir -p {shlex.quote(str(directory))})") from None
     except NotADirectoryError:
         raise WeightsError(f"cannot write {path}: {directory} is not a directory") from None
     except OSError as error:
         raise WeightsError(f"cannot write {path}: cannot reach {directory} ({error.strerror})") from None
-    try:
-        old_mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        old_mode = None
-    except OSError as error:
-        raise WeightsError(f"cannot write {path}: {error.strerror}; check the permissions of {directory}") from None
+    existing = _existing_regular_file(path, target, via)
+    old_mode = None if existing is None else stat.S_IMODE(existing.st_mode)
     if old_mode is not None and not os.access(target, os.W_OK):
         raise WeightsError(f"cannot write {path}: the existing file is read-only (mode {old_mode:o}); make it "
                            f"writable (chmod u+w {shlex.quote(str(path))}) or save elsewhere")
@@ -159,6 +189,7 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
             if old_mode is not None:
                 os.chmod(temporary, old_mode)
             os.fsync(file.fileno())
+        _existing_regular_file(path, target, via)  # a FIFO or device made meanwhile is not replaced either
         os.replace(temporary, target)
     except BaseException as error:  # KeyboardInterrupt too: never leave the temporary file behind
         with contextlib.suppress(OSError):
@@ -168,6 +199,27 @@ def _atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> None:
                                "the existing file, if any, is unchanged") from None
         raise
     _fsync_directory(directory)
+
+
+def _existing_regular_file(path: Path, target: Path, via: str) -> os.stat_result | None:
+    """``target``'s status if it is a regular file, None if nothing is there; anything else is refused.
+
+    ``os.replace`` swaps directory entries whatever they are: over a device, FIFO or socket it
+    would put a regular file in the node's place (as root, an output symlinked to /dev/null
+    would replace /dev/null). ``target`` has its symlinks resolved, so lstat sees the node itself.
+    """
+    try:
+        status = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise WeightsError(f"cannot write {path}: {error.strerror}; check the permissions of {target.parent}") from None
+    if stat.S_ISREG(status.st_mode):
+        return status
+    if stat.S_ISDIR(status.st_mode):
+        raise WeightsError(f"cannot write {path}: it is a directory{via}; give the path of a file inside it")
+    kind = next((name for is_kind, name in _NOT_REGULAR if is_kind(status.st_mode)), "a special file")
+    raise WeightsError(f"cannot write {path}: it is {kind}{via}, not a regular file; choose another output path")
 
 
 def _create_temporary(path: Path, directory: Path, name: str, new: bool) -> tuple[int, Path]:
@@ -268,7 +320,8 @@ def _checked_for_saving(path: Path, params, container: str | None = None) -> dic
         else:
             arrays[name] = np.asarray(array, order="C")  # ascontiguousarray would make a scalar shape (1,)
     if problems:
-        raise WeightsError(f"nothing was written to {path}; these tensors would not load:\n  " + "\n  ".join(problems))
+        raise WeightsError(f"nothing was written to {path}; these tensors would not load:\n  "
+                           + "\n  ".join(_capped(problems, "more problems")))
     return arrays
 
 
@@ -408,7 +461,7 @@ def _npz_entries(path: Path, archive: zipfile.ZipFile) -> dict[str, _Entry]:
     # Everything here comes from the zip directory and each member's .npy header (its first
     # bytes): a member that claims gigabytes is judged before a byte of it is decompressed.
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"{path}: not a valid .npz file ({why})")
+        return WeightsError(f"{path}: not a valid .npz file ({_shortened(why)})")  # a member's name can be 64 KB
 
     entries: dict[str, _Entry] = {}
     for info in archive.infolist():
@@ -477,7 +530,7 @@ def _safetensors_entries(path: Path, file: BinaryIO) -> dict[str, _Entry]:
     # The rules of the reference library: a JSON header of at most 100 MB, then a body that the
     # tensors' byte ranges, sorted, cover exactly (no overlap, no hole, nothing after the last).
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"{path}: not a valid safetensors file ({why})")
+        return WeightsError(f"{path}: not a valid safetensors file ({_shortened(why)})")  # or a name, megabytes
 
     size = os.fstat(file.fileno()).st_size
     if size < 8:
@@ -683,7 +736,8 @@ def _foreign_names(given: dict, expected: dict, plan: Plan, layout: str) -> tupl
     for name, value in given.items():
         spelled = scheme.normalize(name)
         if spelled in renamed:
-            raise WeightsError(f"the weights name {spelled!r} twice (as {name!r} and another spelling)")
+            raise WeightsError(f"the weights name {_shortened(repr(spelled))} twice (as {_shortened(repr(name))} "
+                               "and another spelling)")
         renamed[spelled] = value
     try:
         rename = scheme.name_map(plan)
@@ -699,12 +753,12 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
     missing = [name for name in expected if name not in given]
     unexpected = [name for name in given if name not in expected]
     if missing:
-        problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
+        problems.append(f"missing ({len(missing):,}): {_listed(missing)}")
     if unexpected:
         hint = ""
         if all(name.startswith("module.") for name in unexpected):
             hint = " (every unexpected key starts with 'module.': strip the DataParallel prefix)"
-        problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}{hint}")
+        problems.append(f"unexpected ({len(unexpected):,}): {_listed(unexpected)}{hint}")
     for name, shape in expected.items():
         if name not in described:
             continue
@@ -712,7 +766,7 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
         if actual_dtype.kind not in _NUMERIC_KINDS:
             problems.append(f"{name}: dtype {actual_dtype} is not numeric")
         elif tuple(actual_shape) != tuple(shape):
-            problems.append(f"{name}: shape {list(actual_shape)}, expected {list(shape)}")
+            problems.append(f"{name}: shape {_shortened(str(list(actual_shape)))}, expected {list(shape)}")
         else:
             fitting.append(name)
     return problems, fitting
@@ -720,7 +774,8 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
 
 def _misfit(origin: str, plan: Plan, problems: list[str], shapes: Mapping[str, tuple] | None = None) -> WeightsError:
     hint = _looks_like(shapes, plan) if shapes else ""
-    return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  " + "\n  ".join(problems) + hint)
+    return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  "
+                        + "\n  ".join(_capped(problems, "more problems")) + hint)
 
 
 @functools.cache
@@ -761,7 +816,7 @@ def _looks_like(shapes: Mapping[str, tuple], plan: Plan) -> str:
     best, matched, total = nearest_presets(shapes)
     if plan.spec.name in best or matched < 0.5 * max(len(given), total):
         return ""
-    names = " or ".join(best)
+    names = _listed(best, " or ")
     if matched == len(given) == total:
         return f"\n  looks like {names} (every name and shape matches); load it with that preset"
     return f"\n  closest preset: {names} ({matched} of its {total} tensors match by name and shape)"
