@@ -6,7 +6,9 @@ Python callable; this one is read by an unpickler that knows only the handful of
 ``torch.*Storage`` types, ``collections.OrderedDict``) and answers each with a harmless
 stand-in that records what the tensor looks like. Any other name (``os.system``,
 ``builtins.eval``, a class of the training script) is refused before anything is called,
-with a :class:`~portres.weights.WeightsError` naming it.
+with a :class:`~portres.weights.WeightsError` naming it. Nothing the pickle touches outlives
+its load: each load gets stand-ins of its own, and BUILD (setting attributes) may only give a
+fresh OrderedDict its ``_metadata``, so one file cannot change how another one loads.
 
 Two containers are read:
 
@@ -82,6 +84,9 @@ _STORAGES = {
 }
 _NUMPY_TO_STORAGE = {dtype: name for name, (dtype, torch_name) in _STORAGES.items() if torch_name != "bfloat16"}
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")  # where trainers put the state_dict
+# A view whose strides repeat elements is refused past 16x its storage's bytes and 64 MiB (expand()ed tensors
+# are rare in checkpoints and small: the limits keep a 4-byte storage from becoming terabytes).
+_MAX_REPEAT, _MAX_REPEATED_BYTES = 16, 1 << 26
 _MAX_PICKLE = 1 << 28  # bytes of data.pkl read at most: a state_dict's pickle is kilobytes, never 256 MiB
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
@@ -93,12 +98,9 @@ _ARCHIVE = "archive"  # the top directory torch.save uses for a file object
 
 
 class _Inert:
-    """A stand-in that a pickle may build but never modify (BUILD on it is refused)."""
+    """A stand-in with no ``__dict__``: a pickle can make one but has no way to change it."""
 
     __slots__ = ()
-
-    def __setstate__(self, state):
-        raise _Refused("a BUILD on a tensor or storage (setting attributes on it)")
 
 
 class _StorageType(_Inert):
@@ -130,6 +132,22 @@ class _Tensor(_Inert):
     shape: object  # sizes
     stride: object  # strides in elements
     negative: bool  # torch's lazy negation bit (metadata {"neg": True}): the values are the negated storage
+
+
+class _Global(_Inert):
+    """An allowed callable as one load hands it to its pickle: a fresh wrapper, never the function itself.
+
+    The functions below are shared by every load in the process; a pickle that got hold of one
+    could set its ``__defaults__`` (BUILD) and change what every later load returns.
+    """
+
+    __slots__ = ("name", "function")
+
+    def __init__(self, name: str, function):
+        self.name, self.function = name, function
+
+    def __call__(self, *args):  # REDUCE, INST and OBJ pass positional arguments only
+        return self.function(*args)
 
 
 class _Refused(Exception):
@@ -174,23 +192,35 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("_codecs", "encode"): _encode,
-    **{("torch", name): _StorageType(name) for name in _STORAGES},
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    """Knows only ``_ALLOWED``; persistent ids become :class:`_Storage` references."""
+class _Unpickler(pickle._Unpickler):
+    """Knows only ``_ALLOWED`` and the storage types; persistent ids become :class:`_Storage` references.
+
+    Python's own unpickler in pure Python, so that the opcodes that can reach beyond the
+    file are this class's: BUILD (setting attributes on an object) may only give a fresh
+    OrderedDict its ``_metadata``, as ``torch.save`` writes it; NEWOBJ (``cls.__new__``) is
+    refused; EXT1/2/4 are refused, because they look globals up in ``copyreg``'s process-wide
+    cache before asking :meth:`find_class`. Every global a pickle names is a fresh stand-in
+    of this load, so nothing it touches outlives it. (The C unpickler would also grow its memo
+    to any index a LONG_BINPUT names: gigabytes from a few bytes.)
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: BinaryIO, legacy: bool):
         super().__init__(file)
         self._legacy = legacy  # legacy persistent ids carry a sixth field, view metadata
         self.storages: dict[str, _Storage] = {}
+        self._globals = {key: _Global(f"{key[0]}.{key[1]}", function) for key, function in _ALLOWED.items()}
+        self._globals.update({("torch", name): _StorageType(name) for name in _STORAGES})
 
     def find_class(self, module: str, name: str):
-        # Every global a pickle names passes through here (GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*),
+        # Every global a pickle names passes through here (GLOBAL, STACK_GLOBAL, INST, OBJ),
         # before anything is called: refusing here means nothing of the file ever runs.
         try:
-            return _ALLOWED[(module, name)]
+            return self._globals[(module, name)]
         except (KeyError, TypeError):
             raise _Refused(f"the global {_global_name(module, name)}") from None
 
@@ -210,6 +240,33 @@ class _Unpickler(pickle.Unpickler):
             raise _Refused(f"storage {key!r} declared twice, as {storage.numel} x {storage.kind.name} and "
                            f"{numel} x {kind.name}")
         return storage
+
+    def _load_build(self):
+        state = self.stack.pop()
+        target = self.stack[-1]
+        # torch.save's one BUILD: the state_dict OrderedDict's _metadata (each module's version).
+        if type(target) is collections.OrderedDict and isinstance(state, dict) and all(
+                isinstance(key, str) and not key.startswith("__") for key in state):
+            vars(target).update(state)
+            return
+        if isinstance(target, _Global):
+            what = f"the global {target.name}"
+        elif isinstance(target, _StorageType):
+            what = f"the global torch.{target.name}"
+        else:
+            what = {_Tensor: "a tensor", _Storage: "a storage"}.get(type(target))
+            what = what or f"an object of type {type(target).__name__}"
+        raise _Refused(f"a BUILD on {what} (setting attributes on it: {_short(state)})")
+
+    def _load_newobj(self):  # NEWOBJ and NEWOBJ_EX: cls.__new__(cls, ...), which torch.save never writes
+        raise _Refused("NEWOBJ (an object created without calling its class)")
+
+    def _load_ext(self):
+        raise _Refused("an extension code (EXT1/EXT2/EXT4), a global looked up in copyreg's registry")
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.NEWOBJ[0]] = dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj
+    dispatch[pickle.EXT1[0]] = dispatch[pickle.EXT2[0]] = dispatch[pickle.EXT4[0]] = _load_ext
 
 
 def _global_name(module, name) -> str:
@@ -503,11 +560,21 @@ def _make_entries(path: Path, state: Mapping, located: dict[str, _Located], byte
                                f"{_short(stride)} or offset {_short(offset)}")
         storage = tensor.storage
         file_dtype, torch_name = _STORAGES[storage.kind.name]
+        layout = f"tensor {name!r} (shape {_short(list(shape))}, stride {_short(list(stride))}, offset {offset})"
         # The elements the view touches: from its offset to its last element; empty tensors touch none.
         extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
         if offset + extent > located[storage.key].numel:
-            raise WeightsError(f"{path}: tensor {name!r} (shape {list(shape)}, stride {list(stride)}, offset {offset}) "
-                               f"reaches past the end of its storage {storage.key!r} of {storage.numel} elements")
+            raise WeightsError(f"{path}: {layout} reaches past the end of its storage {storage.key!r} of "
+                               f"{storage.numel} elements")
+        # Zero or overlapping strides repeat elements (expand() does), so a view may be far larger than its
+        # storage: 2**62 x 2**62 from one float. Zero sizes count as one, so no size is unbounded either.
+        nbytes = math.prod(max(n, 1) for n in shape) * (4 if torch_name == "bfloat16" else file_dtype.itemsize)
+        storage_bytes = storage.numel * file_dtype.itemsize
+        if nbytes > max(_MAX_REPEAT * storage_bytes, _MAX_REPEATED_BYTES):
+            raise WeightsError(f"{path}: {layout} repeats the {storage_bytes} bytes of its storage {storage.key!r} "
+                               f"into {nbytes} bytes, more than {_MAX_REPEAT} times them and over "
+                               f"{_MAX_REPEATED_BYTES >> 20} MiB; a checkpoint stores each tensor's values, so the "
+                               "file is corrupt or crafted")
         file_dtype = file_dtype.newbyteorder("<" if byteorder == "little" else ">")
         dtype = np.dtype(np.float32) if torch_name == "bfloat16" else file_dtype.newbyteorder("=")
         read = functools.partial(_read_tensor, located[storage.key], file_dtype, torch_name == "bfloat16",
@@ -521,8 +588,9 @@ def _make_entries(path: Path, state: Mapping, located: dict[str, _Located], byte
 def _read_tensor(located: _Located, file_dtype: np.dtype, bfloat16: bool, negative: bool, offset: int, extent: int,
                  shape: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
     span = located.read(file_dtype, offset, extent)  # only the elements this view touches, freshly read
-    view = np.lib.stride_tricks.as_strided(span, shape, tuple(s * file_dtype.itemsize for s in stride),
-                                           writeable=False)
+    # A dimension of size 0 or 1 never steps, so its stride (unchecked, any integer) is irrelevant: 0 keeps it in range.
+    steps = tuple(s * file_dtype.itemsize if n > 1 and extent else 0 for n, s in zip(shape, stride))
+    view = np.lib.stride_tricks.as_strided(span, shape, steps, writeable=False)
     array = np.array(view, dtype=file_dtype.newbyteorder("="), order="C")  # a contiguous, native-order copy
     if bfloat16:  # bfloat16 is the top half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
