@@ -441,6 +441,15 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
     return True
 
 
+def _port_in_use(port: int, first: int | None, count: int) -> str:
+    if first is not None:
+        fix = (f"pick another --port (ranks use {first}-{first + count - 1}), or leave --port out and portres "
+               "picks free ones")
+    else:
+        fix = "run again (portres picks other free ports), or choose them with --port"
+    return f"port {port} on {LOOPBACK} is in use (another program, or a run that has not ended): {fix}"
+
+
 def choose_ports(count: int, first: int | None = None) -> list[int]:
     """``count`` ports on the loopback interface: ``first, first + 1, ...`` when given (checked free), else
     ports the OS reports free."""
@@ -450,9 +459,7 @@ def choose_ports(count: int, first: int | None = None) -> list[int]:
             raise ValueError(f"--port {first} leaves no room for {count} ranks below 65536: pick a lower one")
         busy = [port for port in ports if not port_is_free(port)]
         if busy:
-            raise ValueError(f"port {busy[0]} on {LOOPBACK} is in use (another program, or a run that has not "
-                             f"ended): pick another --port (ranks use {first}-{ports[-1]}), or leave --port out and "
-                             "portres picks free ones")
+            raise ValueError(_port_in_use(busy[0], first, count))
         return ports
     probes = []
     try:
@@ -466,9 +473,70 @@ def choose_ports(count: int, first: int | None = None) -> list[int]:
             probe.close()
 
 
+def hold_ports(ports: list[int], backend: str, first: int | None = None) -> list[socket.socket]:
+    """The ranks' ports, bound on loopback by this process from now until the ranks end; raises ValueError
+    naming a port another program holds.
+
+    A port chosen free can be taken before the rank binds it; worse, MLX's ring binds with SO_REUSEPORT, so a
+    program holding the port with SO_REUSEPORT too is not refused but shares it: the kernel hands it some of
+    the connections meant for a rank, and the run waits out --timeout. So each port is checked without SO_REUSEPORT (any
+    holder refuses that) and then kept bound: MLX ranks bind beside the held socket (SO_REUSEPORT, same user
+    only; it never listens, so it takes no connection), torch's store listens on the held socket itself."""
+    held: list[socket.socket] = []
+    try:
+        for port in ports:
+            if not port_is_free(port):
+                raise ValueError(_port_in_use(port, first, len(ports)))
+            hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(hold)
+            if backend == "mlx" and hasattr(socket, "SO_REUSEPORT"):
+                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                hold.bind((LOOPBACK, port))
+            except OSError:  # taken between the check and the bind
+                raise ValueError(_port_in_use(port, first, len(ports))) from None
+    except BaseException:
+        for hold in held:
+            hold.close()
+        raise
+    return held
+
+
+def torch_store(listener: socket.socket, processes: int):
+    """torch.distributed's rendezvous store for local ranks, served by this process on ``listener`` (bound to
+    loopback). Left to torch, rank 0 would serve it (env://) on every interface - TCPStore binds the wildcard
+    address whatever MASTER_ADDR says - where any host that reaches this one could join the group or write
+    its keys. The ranks connect as clients, as they do under torchrun's agent (TORCHELASTIC_USE_AGENT_STORE)."""
+    import torch
+    import torch.distributed as dist
+
+    # the libuv store serves a given listening socket from torch 2.8 on; before, only the classic one does
+    classic = {"use_libuv": False} if torch.__version__ < (2, 8) else {}
+    try:
+        listener.listen()
+        store = dist.TCPStore(LOOPBACK, listener.getsockname()[1], processes, True, wait_for_workers=False,
+                              master_listen_fd=listener.fileno(), **classic)
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now and closes it
+    return store
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name (Linux ``lo``, macOS ``lo0``), for gloo's GLOO_SOCKET_IFNAME."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), "lo")
+
+
 def rank_environments(backend: str, processes: int, ports: list[int], workdir: Path) -> list[dict]:
     """The environment of each local rank: what ``mlx.launch`` (ring: a hostfile, MLX_RANK) or ``torchrun``
-    (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) would set, and one core share each for the BLAS."""
+    (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) would set, and one core share each for the BLAS.
+
+    Every rank listens on loopback only: the ring binds the hostfile's 127.0.0.1 addresses; torch ranks use
+    the store :func:`torch_store` serves on ``ports[0]`` (TORCHELASTIC_USE_AGENT_STORE: no rank serves one),
+    and gloo binds its pairs' sockets to the loopback interface (GLOO_SOCKET_IFNAME; by default it takes
+    the address the host name resolves to, often one every host on the network can reach)."""
     base = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     base["PORTRES_LAUNCHER"] = "portres --processes"
     threads = str(max(1, len(_cores()) // processes))
@@ -478,7 +546,8 @@ def rank_environments(backend: str, processes: int, ports: list[int], workdir: P
         return [{**base, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)} for rank in range(processes)]
     return [{**base, "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(ports[0]), "RANK": str(rank),
              "WORLD_SIZE": str(processes), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes),
-             "OMP_NUM_THREADS": threads} for rank in range(processes)]
+             "OMP_NUM_THREADS": threads, "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
+             "GLOO_SOCKET_IFNAME": loopback_interface()} for rank in range(processes)]
 
 
 def _cores() -> list[int]:
@@ -529,15 +598,30 @@ def run_local(command: list[str], processes: int, backend: str, *, port: int | N
     """Run ``command`` as ``processes`` ranks of ``backend`` on this machine (loopback) and wait for all.
 
     Each rank gets the launcher environment of :func:`rank_environments` and, when there are enough
-    cores, its own share of them. Rank 0 writes to this process's stderr (and to ``stdout``: None
-    inherits, ``subprocess.PIPE`` captures it into the returned object); the others' stderr is kept
-    for their error messages. When a rank fails, the rest get ``grace_s`` to notice and stop, then
-    are terminated; the failure is raised as one :class:`DistributedError` line (``hint`` appended),
-    or as :class:`AlreadyReported` when rank 0 failed first and has said why.
+    cores, its own share of them. The ranks' ports stay bound by this process until they end
+    (:func:`hold_ports`), and torch's rendezvous store is served here, on loopback (:func:`torch_store`).
+    Rank 0 writes to this process's stderr (and to ``stdout``: None inherits, ``subprocess.PIPE``
+    captures it into the returned object); the others' stderr is kept for their error messages. When a
+    rank fails, the rest get ``grace_s`` to notice and stop, then are terminated; the failure is raised
+    as one :class:`DistributedError` line (``hint`` appended), or as :class:`AlreadyReported` when rank 0
+    failed first and has said why.
 
         >>> run_local([sys.executable, "-m", "portres.cli", "_rank", "config.json"], 2, "mlx")
     """
     ports = choose_ports(processes if backend == "mlx" else 1, port)
+    held = hold_ports(ports, backend, port)  # until the ranks end: no other program can take one meanwhile
+    store = None
+    try:
+        if backend == "torch":
+            store = torch_store(held.pop(), processes)
+        return _run_ranks(command, processes, backend, ports, stdout, grace_s, hint)
+    finally:
+        del store  # the torch store stops listening now, not when a traceback holding this frame goes
+        for hold in held:
+            hold.close()
+
+
+def _run_ranks(command, processes, backend, ports, stdout, grace_s, hint) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="portres-ranks-") as workdir:
         workdir = Path(workdir)
         environments = rank_environments(backend, processes, ports, workdir)
