@@ -6,7 +6,9 @@
 Class names are the folder names, sorted; labels are their indices. Every image is converted to
 RGB or grayscale and resized to ``image_size`` x ``image_size`` (bilinear, antialiased when
 shrinking; the aspect ratio is not kept: crop first if it matters), so the set is a uint8 array.
-Files with other extensions and hidden entries are skipped.
+Files with other extensions and hidden entries are skipped; a file is read only if it is a PNG or
+JPEG (whatever its name says) of at most :data:`MAX_PIXELS` pixels, checked from its header before
+it is decoded (set ``portres.data.folder.MAX_PIXELS`` to read larger images).
 
     >>> ds = load_folder("pets", image_size=64)  # doctest: +SKIP
     >>> ds.describe()  # doctest: +SKIP
@@ -16,6 +18,7 @@ Files with other extensions and hidden entries are skipped.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +30,12 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")  # what counts as an image (case-insensit
 COLORS = {"rgb": "RGB", "grayscale": "L"}  # color option -> Pillow mode
 TEST_FOLDERS = ("test", "val")  # the held-out split's folder, first found wins
 INSTALL = "pip install 'portres[images]'"  # what a missing Pillow asks for
+FORMATS = ("PNG", "JPEG")  # the formats Pillow may read: it detects formats by content, not by name
+# The most pixels (width x height) an image may have, checked from its header before decoding: a
+# small file can declare a huge image (a 140 KB PNG of 12000x12000 decodes to 750 MB). 40 megapixels
+# is a sane bound for a training image; raise it here (portres.data.folder.MAX_PIXELS = ...) for
+# larger photos. Pillow's own hard limit (twice PIL.Image.MAX_IMAGE_PIXELS: 179 megapixels) still applies.
+MAX_PIXELS = 40_000_000
 
 
 def _pillow():
@@ -59,14 +68,24 @@ def scan(split_dir: Path) -> dict[str, list[Path]]:
 def _read(path: Path, mode: str, size: int | None) -> np.ndarray:
     Image = _pillow()
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=FORMATS) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"image {path} is {width}x{height} = {width * height:,} pixels, more than the "
+                                f"{MAX_PIXELS:,} a training image may have (the limit is "
+                                f"portres.data.folder.MAX_PIXELS); resize it or remove the file")
             image = image.convert(mode)
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:  # over twice Pillow's limit: refused by Image.open itself
+        raise DataError(f"image {path} is too large to decode safely ({error}); portres.data.folder.MAX_PIXELS is "
+                        f"{MAX_PIXELS:,}: resize it or remove the file") from None
     except Exception as error:  # Pillow signals bad files with several exception types
-        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); "
-                        f"replace or remove the file") from None
+        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); only "
+                        f"{' and '.join(FORMATS)} files are read: replace or remove the file") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # HW or HWC -> CHW
 
 
@@ -74,9 +93,13 @@ def _read_split(found: dict[str, list[Path]], class_names: tuple[str, ...], mode
                 size: int | None) -> tuple[np.ndarray, np.ndarray]:
     paths = [path for name in class_names for path in found[name]]
     labels = np.concatenate([np.full(len(found[name]), index, np.int64) for index, name in enumerate(class_names)])
-    # Pillow decodes without the GIL: a few threads read a folder of small files several times faster
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda path: _read(path, mode, size), paths))
+    # Pillow decodes without the GIL: a few threads read a folder of small files several times faster.
+    # _read's MAX_PIXELS check replaces Pillow's DecompressionBombWarning (above 89 megapixels), so that
+    # warning is silenced around the pool (the filters are process-wide: set from this thread, not the workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _pillow().DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(lambda path: _read(path, mode, size), paths))
     first = images[0].shape
     for path, image in zip(paths, images):
         if image.shape != first:
