@@ -60,10 +60,21 @@ class _Group(click.Group):
             raise
         except BrokenPipeError:  # before click's own handler, which exits 1 ("a backend disagrees" here)
             _quiet_broken_pipe()
-        except MemoryError:
-            fail("out of memory: lower --batch or --input-size, or use a smaller network")
+        except MemoryError as error:  # NumPy says how much it could not allocate
+            fail(f"out of memory{f' ({error})' if str(error) else ''}: {self._memory_hint(ctx)}")
         except USER_ERRORS as error:
             fail(str(error))
+
+    def _memory_hint(self, ctx) -> str:
+        """What the verb that ran out of memory can lower: its own batch and image size options only."""
+        name = "train" if ctx.invoked_subcommand == "_rank" else ctx.invoked_subcommand  # a rank of `train`
+        command = self.get_command(ctx, name) if name else None
+        given = {opt for param in getattr(command, "params", ()) for opt in param.opts}
+        options = [opt for opt in _SIZE_OPTIONS if opt in given]
+        return f"lower {' or '.join(options)}, or use a smaller network" if options else "use a smaller network"
+
+
+_SIZE_OPTIONS = ("--batch", "--batch-size", "--input-size", "--image-size")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,13 +183,15 @@ def data_options(image_size: int | None) -> dict:
 def data_for(path, data: str | None, image_size: int | None, fallback: str | None) -> tuple[str | None, dict]:
     """The data set (and options) to read ``path``'s network with: the one given, else the one a training
     checkpoint was trained on (its image size too), else ``fallback``; a mismatch with the checkpoint is said."""
-    from portres.training.checkpoint import CheckpointError
+    from portres.training.checkpoint import CheckpointError, DescriptionError
     from portres.training.loop import data_of_checkpoint
 
     trained_on, trained_options = None, {}
     if path is not None:
         try:
             trained_on, trained_options = data_of_checkpoint(path)
+        except DescriptionError:  # a checkpoint, but altered: refused, not read as a plain weights file
+            raise
         except CheckpointError:  # a plain weights file: nothing recorded
             pass
     chosen = data or trained_on or fallback

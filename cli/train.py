@@ -9,6 +9,9 @@ import click
 
 from .app import data_for, data_options, load_spec, main
 
+MAX_IMAGE_SIZE = 4096  # portres.training.loop.MAX_IMAGE_SIZE (not imported: the CLI loads training code lazily)
+IMAGE_SIZE = click.IntRange(min=1, max=MAX_IMAGE_SIZE)
+
 
 def _milestones(value: str | None) -> tuple[int, ...] | None:
     if value is None:
@@ -29,7 +32,7 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default: float32 (numpy: float64).")
 @click.option("--data", default="digits", show_default=True, help="cifar10, cifar100, digits or folder.")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are (CIFAR archives, image folders).")
-@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Default: the data set's recipe (digits 10, CIFAR 164).")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Default: digits 64, CIFAR 128.")
@@ -53,6 +56,8 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
 @click.option("--stop-after", "stop_after_steps", type=click.IntRange(min=1),
               help="Stop after N steps in all (checkpointed); continue later with --resume.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors (same settings).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run in OUT (its checkpoints, metrics, summary); without it a non-empty OUT is refused.")
 @click.option("--distributed", is_flag=True,
               help="Be one rank of a group started by mlx.launch, mpirun or torchrun (see docs/distributed.md).")
 @click.option("--processes", type=click.IntRange(min=1),
@@ -66,7 +71,7 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
 def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, out, epochs, batch_size,
           optimizer, lr, momentum, nesterov, weight_decay, no_decay_norms_biases, schedule, milestones, warmup_epochs,
           label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume,
-          distributed, processes, devices, sync_bn, port, timeout_s):
+          overwrite, distributed, processes, devices, sync_bn, port, timeout_s):
     """Train a network on a data set: a progress bar on stderr, OUT/metrics.jsonl (one line per
     epoch), OUT/last.safetensors and OUT/best.safetensors checkpoints, OUT/curves.png, OUT/summary.json.
 
@@ -77,6 +82,7 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         mlx.launch -n 2 -- $(which python) -m portres.cli train --arch resnet20 --distributed
 
     Data parallel, --batch-size is the global batch: each replica trains on its share.
+    One run at a time writes OUT; a non-empty OUT needs --resume (continue) or --overwrite (replace).
     """
     from portres import backends as registry
     from portres.training import distributed as parallel
@@ -100,7 +106,9 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         milestones=_milestones(milestones), warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         augment=None if augment == "none" else augment, seed=seed, eval_every=eval_every, limit_train=limit_train,
         checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, distributed=distributed,
-        devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s)
+        devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s, overwrite=overwrite)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
     if processes is not None and processes > 1:
         config = config.resolved()  # bad settings fail here, once, not in every rank
         parallel.check_batch(config.batch_size, processes, sync_bn)
@@ -139,22 +147,25 @@ def rank(config_file):
 @click.option("--device", help="Backend device.")
 @click.option("--data", help="cifar10, cifar100, digits or folder (default: the checkpoint's; else digits).")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
-@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, image_size, batch_size, as_json):
     """Top-1 and top-5 error of trained weights on a data set's test split (eval-mode BN)."""
     from portres import data as datasets
     from portres.model import build
-    from portres.training.checkpoint import CheckpointError
+    from portres.training.checkpoint import CheckpointError, DescriptionError
+    from portres.training.loop import check_data_options, spec_of_checkpoint
     from portres.training.loop import evaluate as run
-    from portres.training.loop import spec_of_checkpoint
 
     data, options = data_for(weights, data, image_size, "digits")  # a checkpoint is read on its own data
+    check_data_options(options)  # before any image is loaded
     dataset = datasets.load(data, data_dir, **options)
     if name is None and spec_file is None and depth is None:
         try:
             spec = spec_of_checkpoint(weights)
+        except DescriptionError:  # an altered checkpoint: --arch would not make it right
+            raise
         except CheckpointError as error:
             raise click.UsageError(f"{error}: give --arch or --spec") from None
     else:

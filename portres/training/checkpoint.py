@@ -10,18 +10,37 @@ order and augmentation are pure functions of (seed, epoch, batch) - see ``portre
 Files are written atomically (a unique temporary file, fsync, rename), so a crash or kill -9
 while writing leaves the previous checkpoint intact.
 
+A checkpoint is data from disk, so nothing in it is trusted: :func:`read_description` checks
+every field of the description (one line naming the first bad one), and :func:`check_tensors`
+every tensor and optimiser slot against the network and optimiser it is resumed with.
+
+A run directory is held by one run at a time (:func:`run_directory`: an exclusive ``flock`` on
+``OUT/.portres.lock``, which holds the holder's PID); the holder removes the temporary files a
+killed writer left, and a new run refuses a directory that already holds something.
+
     >>> save_checkpoint("runs/r20/last.safetensors", state, metadata)
     >>> state, metadata = load_checkpoint("runs/r20/last.safetensors")
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from ..weights import WeightsError, _open_weights_file, read_metadata, save_weights
+from ..spec import ResNetSpec, SpecError
+from ..weights import TRAINING_STATE, WeightsError, _open_weights_file, read_metadata, save_weights
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not protected from a concurrent second run
+    fcntl = None
 
 KEY = "portres.checkpoint"  # the metadata entry holding the JSON description
 VERSION = 1  # bumped when the layout changes
@@ -29,6 +48,15 @@ VERSION = 1  # bumped when the layout changes
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: the message names the file, the problem and the fix."""
+
+
+class DescriptionError(CheckpointError):
+    """A checkpoint whose description has a field that is missing, unknown, of the wrong type or out of range:
+    the file is a portres checkpoint, but it was altered or damaged."""
+
+
+class RunDirectoryError(ValueError):
+    """An output directory a run may not write: another run holds it, or it holds something that would be lost."""
 
 
 def save_checkpoint(path, state: dict[str, np.ndarray], metadata: dict) -> None:
@@ -52,11 +80,15 @@ def read_description(path) -> dict:
         description = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: its checkpoint description is not valid JSON ({error})") from None
+    except RecursionError:  # thousands of nested brackets: no description is nested that deep
+        raise DescriptionError(f"checkpoint {path}: its description is nested too deeply (the file was altered or "
+                               "damaged: use an intact checkpoint)") from None
     if not isinstance(description, dict):
         raise CheckpointError(f"{path}: its checkpoint description is not a JSON object")
     if description.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint format {description.get('version')!r} is not {VERSION}; "
                               "it was written by another portres version")
+    _check_description(path, description)
     return description
 
 
@@ -69,3 +101,212 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     except WeightsError as error:
         raise CheckpointError(f"{path} is corrupt: {error}") from None
     return state, description
+
+
+# -- the description's fields ----------------------------------------------------------------------
+# Each field: (test, what it must be). A tampered description must fail here with the field's name,
+# not later as a KeyError, a TypeError in a format string or a backend's shape error.
+
+
+def _integer(minimum: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _number(low: float, high: float = math.inf, optional: bool = False):
+    return lambda v: (optional and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   and math.isfinite(v) and low <= v <= high)
+
+
+_COUNT, _FRACTION = (_integer(0), "must be a non-negative integer"), (_number(0, 1), "must be a number in [0, 1]")
+_OPTIONAL_FRACTION = (_number(0, 1, optional=True), "must be null or a number in [0, 1]")
+_AMOUNT = (_number(0), "must be a finite number >= 0")
+_OBJECT = (lambda v: isinstance(v, dict), "must be a JSON object")
+_FIELDS = {
+    "version": (_integer(1), "must be a positive integer"),
+    "spec": _OBJECT, "config": _OBJECT, "optimizer": _OBJECT, "position": _OBJECT,
+    "backend": (lambda v: isinstance(v, str) and v != "", "must be a backend name"),
+    "dtype": (lambda v: v in ("float32", "float64"), "must be 'float32' or 'float64'"),
+    "metrics": (lambda v: isinstance(v, list), "must be a list of epoch records"),
+    "finished_epoch": (lambda v: isinstance(v, bool), "must be true or false"),
+    "replicas": (_integer(1), "must be a positive integer"),
+}
+_POSITION = {"epoch": _COUNT, "batch": _COUNT, "step": _COUNT, "epoch_sums": _OBJECT,
+             "best_test_top1_error": _OPTIONAL_FRACTION}
+_EPOCH_SUMS = {"loss": _AMOUNT, "wrong": _COUNT, "seen": _COUNT, "seconds": _AMOUNT,
+               "lr": (_number(0, optional=True), "must be null or a finite number >= 0")}
+_RECORD = {"epoch": (_integer(1), "must be a positive integer"), "step": _COUNT, "lr": _AMOUNT, "train_loss": _AMOUNT,
+           "train_error": _FRACTION, "test_loss": (_number(0, optional=True), "must be null or a finite number >= 0"),
+           "test_top1_error": _OPTIONAL_FRACTION, "test_top5_error": _OPTIONAL_FRACTION, "images_per_s": _AMOUNT,
+           "seconds": _AMOUNT}
+
+
+def _fields(path, where: str, value: dict, schema: dict) -> None:
+    """Every field of ``schema`` present in ``value`` and valid, and no other."""
+    for name, (test, requirement) in schema.items():
+        field = f"{where}{name}"
+        if name not in value:
+            raise _bad(path, field, "is missing")
+        if not test(value[name]):
+            raise _bad(path, field, f"{requirement}, got {_shown(value[name])}")
+    for name in value:
+        if name not in schema:
+            raise _bad(path, f"{where}{name}", "is not part of a checkpoint description")
+
+
+def _bad(path, field: str, problem: str) -> DescriptionError:
+    return DescriptionError(f"checkpoint {path}: field {field!r} {problem} (the file was altered or damaged: use an "
+                            "intact checkpoint)")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_description(path, description: dict) -> None:
+    _fields(path, "", description, _FIELDS)
+    position = description["position"]
+    _fields(path, "position.", position, _POSITION)
+    sums = position["epoch_sums"]
+    _fields(path, "position.epoch_sums.", sums, _EPOCH_SUMS)
+    if sums["wrong"] > sums["seen"]:
+        raise _bad(path, "position.epoch_sums.wrong", f"must be at most seen ({sums['seen']}), got {sums['wrong']}")
+    if description["finished_epoch"] and position["batch"] != 0:
+        raise _bad(path, "position.batch", f"must be 0 at the end of an epoch, got {position['batch']}")
+    for index, record in enumerate(description["metrics"]):
+        if not isinstance(record, dict):
+            raise _bad(path, f"metrics[{index}]", f"must be a JSON object, got {_shown(record)}")
+        _fields(path, f"metrics[{index}].", record, _RECORD)
+        if record["epoch"] != index + 1:
+            raise _bad(path, f"metrics[{index}].epoch", f"must be {index + 1} (one record per epoch), "
+                                                        f"got {record['epoch']}")
+    if len(description["metrics"]) != position["epoch"]:
+        raise _bad(path, "metrics", f"must hold one record per finished epoch ({position['epoch']}), "
+                                    f"got {len(description['metrics'])}")
+    try:
+        ResNetSpec.from_dict(description["spec"])
+    except SpecError as error:
+        raise _bad(path, "spec", f"is not a valid network: {error}") from None
+    from .optim import from_config
+
+    try:
+        from_config(description["optimizer"])
+    except (TypeError, ValueError) as error:
+        raise _bad(path, "optimizer", f"is not a valid optimiser: {error}") from None
+    from .loop import check_recipe  # the loop owns TrainConfig; imported here, as loop imports this module
+
+    check_recipe(path, description["config"], bad=lambda field, problem: _bad(path, field, problem))
+    if position["epoch"] > description["config"]["epochs"]:
+        raise _bad(path, "position.epoch", f"must be at most config.epochs ({description['config']['epochs']}), "
+                                           f"got {position['epoch']}")
+
+
+# -- the tensors -----------------------------------------------------------------------------------
+
+
+def check_tensors(path, described: dict[str, tuple[tuple[int, ...], str]], plan, dtype: str,
+                  slots: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a checkpoint whose tensors (``{name: (shape, dtype)}``) do not fit ``plan`` in ``dtype``, or, when
+    ``slots`` (``{slot name: shape}``, what the optimiser keeps) is given, whose optimiser slots do not: one
+    ``CheckpointError`` listing every problem (the first few). A slot that broadcasts (shape ``(1,)``) would train
+    on silently with wrong momentum, and missing slots would restart it from zero: both are refused."""
+    problems = []
+    model = {name: value for name, value in described.items() if not name.startswith(TRAINING_STATE)}
+    expected = {name: tuple(shape) for name, (shape, _) in plan.param_shapes().items()}
+    _compare(problems, "", model, expected, dtype)
+    if slots is not None:
+        stored = {name[len(TRAINING_STATE):]: value for name, value in described.items()
+                  if name.startswith(TRAINING_STATE)}
+        _compare(problems, "optimiser slot ", stored, slots, dtype)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {path} does not fit {plan.spec.name} as it is resumed: {shown}")
+
+
+def _compare(problems: list, what: str, given: dict, expected: dict, dtype: str) -> None:
+    problems += [f"{what}{name} is missing" for name in expected if name not in given]
+    problems += [f"{what}{name} is unexpected" for name in given if name not in expected]
+    for name, shape in expected.items():
+        if name not in given:
+            continue
+        given_shape, given_dtype = given[name]
+        if tuple(given_shape) != shape:
+            problems.append(f"{what}{name} has shape {list(given_shape)}, expected {list(shape)}")
+        elif str(given_dtype) != dtype:
+            problems.append(f"{what}{name} is {given_dtype}, expected {dtype}")
+
+
+# -- the run directory -----------------------------------------------------------------------------
+
+LOCK = ".portres.lock"  # in the run directory: flock'ed by the run writing there, holds its PID
+
+
+@contextlib.contextmanager
+def run_directory(out, outputs: tuple[str, ...], *, resume: bool, overwrite: bool):
+    """Hold the run directory ``out`` for one run, for as long as the ``with`` block lasts.
+
+    Locks ``out`` (another run holding it is refused, naming its PID), removes the temporary files a
+    killed writer of ``outputs`` left behind (only while locked: a live run's temporaries are never
+    touched), and, unless ``resume``, refuses a directory that holds anything, or with ``overwrite``
+    deletes the previous run's ``outputs`` (and nothing else).
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirectoryError(f"cannot create the run directory {out}: {error.strerror or error}") from None
+    descriptor = _lock(out)
+    try:
+        _remove_stale_temporaries(out, outputs)
+        present = sorted(entry.name for entry in out.iterdir() if entry.name != LOCK)
+        if present and not resume:
+            if not overwrite:
+                listed = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+                raise RunDirectoryError(f"{out} is not empty (it holds {listed}): continue the run there with "
+                                        "--resume, replace it with --overwrite, or give another --out")
+            for name in outputs:
+                (out / name).unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock; the file stays, so a waiting run locks the same file
+
+
+def _lock(out: Path) -> int:
+    path = out / LOCK
+    # never through a symlink (truncating its target) nor on a FIFO or device planted at the lock's name
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as error:
+        raise RunDirectoryError(f"cannot lock the run directory {out}: cannot open {path} "
+                                f"({error.strerror or error}); remove it if it is not a plain file") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise RunDirectoryError(f"cannot lock the run directory {out}: {path} is not a plain file; remove it")
+    if fcntl is None:
+        return descriptor
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        holder = holder if holder.isdigit() else "unknown"  # what the file holds is not trusted into the message
+        os.close(descriptor)
+        raise RunDirectoryError(f"{out} is in use by another run (PID {holder}): wait for it to finish, or give "
+                                "another --out") from None
+    except OSError as error:  # a file system without locks
+        os.close(descriptor)
+        raise RunDirectoryError(f"cannot lock the run directory {out} ({error.strerror or error}): give an --out on "
+                                "a local file system") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def _remove_stale_temporaries(out: Path, outputs: tuple[str, ...]) -> None:
+    """Delete what a writer killed mid-write left: ``.<name[:32]>.<16 hex digits>.tmp`` (the names
+    ``weights._create_temporary`` gives) for this run's own ``outputs``, nothing else."""
+    names = "|".join(re.escape(name[:32]) for name in outputs)
+    temporary = re.compile(rf"\.(?:{names})\.[0-9a-f]{{16}}\.tmp")
+    for entry in out.iterdir():
+        if temporary.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)

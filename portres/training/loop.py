@@ -13,10 +13,17 @@ that compute deterministically: see README, "Training").
 
 Data parallel (``distributed``, ``devices``; :mod:`portres.training.distributed`): each replica
 trains on its slice of every global batch of ``batch_size`` images; only rank 0 writes.
+
+One run writes ``OUT`` at a time (rank 0 holds a lock on it for the whole run), and a new run
+refuses an ``OUT`` that holds anything unless it resumes (``resume=True``) or replaces the run
+there (``TrainConfig(overwrite=True)``). A run that diverges stops with a ``TrainingError``
+naming the step and learning rate, and leaves the last good checkpoint as it was: nothing
+non-finite is written to ``metrics.jsonl``, ``summary.json`` or a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,12 +36,20 @@ import numpy as np
 
 from .. import data as datasets
 from ..plan import Plan, make_plan, run_plan
-from ..spec import ResNetSpec
-from ..weights import init_params
+from ..spec import ResNetSpec, SpecError
+from ..weights import _atomic_write, describe_weights_file, init_params
 from ..zoo import resolve
 from . import distributed as parallel
-from .checkpoint import CheckpointError, load_checkpoint, read_description, save_checkpoint
-from .grads import check_hyperparameters, soft_targets, training_backend
+from .checkpoint import (
+    CheckpointError,
+    DescriptionError,
+    check_tensors,
+    load_checkpoint,
+    read_description,
+    run_directory,
+    save_checkpoint,
+)
+from .grads import check_hyperparameters, soft_targets, trainable_names, training_backend
 from .optim import SGD, AdamW, no_decay_for_norms_and_biases
 from .schedules import make_schedule
 from .step import initial_state, make_train_step, split_state, state_to_numpy
@@ -53,8 +68,21 @@ RECIPES = {
 }
 
 
+MAX_IMAGE_SIZE = 4096  # pixels a side: larger images cannot train here, and loading them would exhaust memory first
+
+
 class TrainingError(ValueError):
     """Training cannot go on (diverged, or a checkpoint that does not fit): what happened and what to do."""
+
+
+def check_data_options(options) -> None:
+    """Refuse data set options that cannot be right before any image is loaded (an ``image_size`` of
+    100000 would allocate gigabytes before failing)."""
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise TrainingError(f"data_options={options!r} must map option names to values, e.g. {{'image_size': 16}}")
+    size = options.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE):
+        raise TrainingError(f"image_size={size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels a side)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,7 @@ class TrainConfig:
     devices: tuple[str, ...] | None = None  # tinygrad: one replica per device, all in this process
     sync_bn: bool = False  # BN normalises with the global batch's statistics, not each replica's own
     timeout_s: float = parallel.DEFAULT_TIMEOUT_S  # how long a rank waits on the others before it gives up
+    overwrite: bool = False  # replace the run in ``out`` (its checkpoints, metrics, summary) instead of refusing
 
     def resolved(self) -> TrainConfig:
         """This config with the recipe's defaults filled in and every field checked."""
@@ -115,6 +144,12 @@ class TrainConfig:
                             "stop_after_steps": self.stop_after_steps}.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TrainingError(f"{name}={value!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise TrainingError(f"seed={self.seed!r} must be a non-negative integer")
+        for name in ("nesterov", "decay_norms_and_biases", "distributed", "sync_bn", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainingError(f"{name}={getattr(self, name)!r} must be True or False")
+        check_data_options(self.data_options)
         for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -125,14 +160,15 @@ class TrainConfig:
             raise TrainingError("batch_size must be at least 2: train-mode batch norm normalises over the batch")
         if self.optimizer not in ("sgd", "adamw"):
             raise TrainingError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
-        if self.milestones is not None and (self.schedule != "multistep" or any(
-                not isinstance(m, int) or not 0 < m < self.epochs for m in self.milestones)):
+        milestones = self.milestones
+        if milestones is not None and (self.schedule != "multistep" or not isinstance(milestones, (tuple, list))
+                                       or any(not isinstance(m, int) or not 0 < m < self.epochs for m in milestones)):
             raise TrainingError(f"milestones={self.milestones!r} need --schedule multistep and epochs in "
                                 f"(0, {self.epochs})")
         if self.warmup_epochs >= self.epochs:
             raise TrainingError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise TrainingError(f"timeout_s={self.timeout_s!r} must be a number of seconds > 0")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s < math.inf:  # summary.json holds it
+            raise TrainingError(f"timeout_s={self.timeout_s!r} must be a finite number of seconds > 0")
         try:
             check_hyperparameters(self.label_smoothing, self.bn_momentum)
             parallel.check_parallel_settings(self.backend, distributed=self.distributed, devices=self.devices,
@@ -144,9 +180,32 @@ class TrainConfig:
 
     def recipe(self) -> dict:
         """The fields a resumed run must share with the run it continues (where and how fast may differ)."""
-        where = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "data_dir", "eval_every",
-                 "distributed", "devices", "sync_bn", "timeout_s"}  # any number of replicas continues a run
-        return {key: value for key, value in dataclasses.asdict(self).items() if key not in where}
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in _WHERE}
+
+
+# what a resumed run may change: where and how fast it runs (any number of replicas continues a run)
+_WHERE = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "data_dir", "eval_every", "distributed",
+          "devices", "sync_bn", "timeout_s", "overwrite"}
+
+
+def check_recipe(path, fields: dict, bad) -> None:
+    """Refuse the ``config`` of a checkpoint's description (``TrainConfig.recipe()`` as JSON) unless it is one
+    a run could have had; ``bad(field, problem)`` makes the error (see ``checkpoint.read_description``)."""
+    known = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in _WHERE]
+    for name in known:
+        if name not in fields:
+            raise bad(f"config.{name}", "is missing")
+    for name in fields:
+        if name not in known:
+            raise bad(f"config.{name}", "is not a training setting")
+    try:
+        config = TrainConfig(out=str(path), **fields).resolved()
+    except (TypeError, ValueError) as error:
+        raise bad("config", f"holds an invalid setting: {error}") from None
+    try:
+        resolve(config.arch) if config.arch is not None else ResNetSpec.from_dict(config.spec)
+    except (SpecError, KeyError, ValueError) as error:
+        raise bad("config.arch" if config.arch is not None else "config.spec", f"names no network: {error}") from None
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -247,15 +306,24 @@ class Progress:
 
 
 LAST, BEST = "last.safetensors", "best.safetensors"
+RUN_FILES = (LAST, BEST, "metrics.jsonl", "summary.json", "curves.png")  # what a run writes in its directory
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> dict:
-    """Run (or continue, with ``resume``) the training ``config`` describes; returns the summary."""
+    """Run (or continue, with ``resume``) the training ``config`` describes; returns the summary.
+
+    ``config.out`` must be empty or new unless ``resume`` (continue the run there) or ``config.overwrite``
+    (replace it); while the run lasts no other run can write there (``RunDirectoryError`` naming its PID)."""
     config = config.resolved()
+    if resume and config.overwrite:
+        raise TrainingError("resume continues the run in out, overwrite replaces it: give one of them, not both")
     group = parallel.join(config.backend, distributed=config.distributed, devices=config.devices,
                           device=config.device, timeout_s=config.timeout_s)
+    # the run directory's lock is taken by rank 0 at start-up and held until the run ends;
+    # overflow is reported as divergence, so NumPy's warnings about it would only repeat it
     try:
-        return _train(config, group, resume, (progress or Progress()) if group.is_writer else Silent())
+        with contextlib.ExitStack() as holding, np.errstate(over="ignore", invalid="ignore"):
+            return _train(config, group, resume, (progress or Progress()) if group.is_writer else Silent(), holding)
     finally:
         group.close()
 
@@ -270,7 +338,8 @@ class Silent:
         pass
 
 
-def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress) -> dict:
+def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress,
+           holding: contextlib.ExitStack) -> dict:
     out = Path(config.out)
     try:
         parallel.check_batch(config.batch_size, group.replicas, config.sync_bn)
@@ -291,13 +360,13 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
                  "portres version": parallel.portres_version()})
 
     def starting_point():  # rank 0 decides; every other rank receives the same arrays and position
+        holding.enter_context(run_directory(out, RUN_FILES, resume=resume, overwrite=config.overwrite))
         if resume and (out / LAST).exists():
             numpy_state, description = load_checkpoint(out / LAST)
-            _check_resumable(out / LAST, description, config, spec, optimizer)
+            _check_resumable(out / LAST, description, config, spec, optimizer, plan, dtype.name, per_epoch)
             return numpy_state, {"position": description["position"], "metrics": description["metrics"],
                                  "note": f"resuming {out / LAST}: epoch {description['position']['epoch'] + 1}, "
                                          f"step {description['position']['step']}"}
-        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
         fresh = {"epoch": 0, "batch": 0, "step": 0, "epoch_sums": _empty_sums(), "best_test_top1_error": None}
         return init_params(plan, config.seed), {"position": fresh, "metrics": [],
@@ -320,18 +389,27 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
     eval_forward = lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
     where_to_continue = lambda: parallel.checkpoint_hint(out) if group.is_writer else ""  # noqa: E731
 
-    def checkpoint(path: Path, finished_epoch: bool) -> None:
+    def diverged(step: int, problem: str) -> TrainingError:
+        """Stop at ``step`` (1-based), before anything of it is written: the last checkpoint stays good."""
+        return TrainingError(
+            f"training diverged at step {step} (epoch {(step - 1) // per_epoch + 1}, lr {schedule(step - 1):.4g}): "
+            f"{problem}. The last good checkpoint is {out / LAST}"
+            f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add --warmup-epochs, "
+            "then start again with --overwrite (or --resume to continue from it)")
+
+    def finite_state() -> dict[str, np.ndarray]:
+        """The state as NumPy arrays, refused when the last update overflowed (its loss was still finite)."""
+        numpy_state = state_to_numpy(lowering, state)
+        broken = [name for name, value in numpy_state.items() if not np.isfinite(value).all()]
+        if broken:
+            raise diverged(position["step"], f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
+                                             "hold NaN/inf after its update")
+        return numpy_state
+
+    def checkpoint(path: Path, finished_epoch: bool, numpy_state: dict[str, np.ndarray]) -> None:
         description = {"spec": spec.to_dict(), "config": config.recipe(), "optimizer": optimizer.config(),
                        "backend": config.backend, "dtype": lowering.dtype, "position": position, "metrics": metrics,
                        "finished_epoch": finished_epoch, "replicas": group.replicas}
-        numpy_state = state_to_numpy(lowering, state)
-        broken = [name for name, value in numpy_state.items() if not np.isfinite(value).all()]
-        if broken:  # the loss was still finite, but the weights or statistics have overflowed
-            raise TrainingError(
-                f"training diverged by step {position['step']} (epoch {position['epoch'] + 1}, lr "
-                f"{position['epoch_sums']['lr']:.4g}): {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
-                f"hold NaN/inf. The last good checkpoint is {out / LAST}"
-                f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add --warmup-epochs")
         if path.name == BEST:
             numpy_state = split_state(numpy_state)[0]
         if group.is_writer:
@@ -359,11 +437,7 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
                                                             len(labels)])
                 loss, wrong, seen = loss_sum / seen, int(wrong), int(seen)  # over the global batch
                 if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"training diverged at step {position['step'] + 1} (epoch {epoch + 1}, lr {lr:.4g}): the "
-                        f"loss is {loss}. The last good checkpoint is {out / LAST}"
-                        f"{'' if (out / LAST).exists() else ' (none was written yet)'}; lower --lr or add "
-                        "--warmup-epochs, then start again (or --resume to continue from it)")
+                    raise diverged(position["step"] + 1, f"the loss is {loss}")
                 position["step"] += 1
                 position["batch"] += 1
                 sums.update(loss=sums["loss"] + loss_sum, wrong=sums["wrong"] + wrong,
@@ -374,13 +448,14 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
                                 f"loss {sums['loss'] / sums['seen']:.4f} acc {1 - sums['wrong'] / sums['seen']:.3f} "
                                 f"{rate:.0f} img/s ETA {left:.0f}s")
                 if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
-                    checkpoint(out / LAST, finished_epoch=False)
+                    checkpoint(out / LAST, False, finite_state())
                 if config.stop_after_steps is not None and position["step"] >= config.stop_after_steps:
                     stopped_early = True
                     break
         if stopped_early and position["batch"] < per_epoch:
-            checkpoint(out / LAST, finished_epoch=False)
+            checkpoint(out / LAST, False, finite_state())
             break
+        numpy_state = finite_state()  # before anything of this epoch is evaluated or written
         record = {"epoch": epoch + 1, "step": position["step"], "lr": sums["lr"],
                   "train_loss": sums["loss"] / sums["seen"], "train_error": sums["wrong"] / sums["seen"],
                   "test_loss": None, "test_top1_error": None, "test_top5_error": None,
@@ -395,10 +470,13 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
                                                         forward=eval_forward))
             loss_sum, top1, top5, count = totals
             record.update(test_loss=loss_sum / count, test_top1_error=top1 / count, test_top5_error=top5 / count)
+        broken = [key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+        if broken:  # finite weights so large that the test logits overflow
+            raise diverged(position["step"], f"{', '.join(broken)} after epoch {epoch + 1} is not finite")
         metrics.append(record)
         if group.is_writer:
             with open(out / "metrics.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
+                file.write(json.dumps(record, allow_nan=False) + "\n")
         test = "" if record["test_top1_error"] is None else \
             f", test error {record['test_top1_error']:.4f} (top-5 {record['test_top5_error']:.4f})"
         progress.update(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, train error "
@@ -409,9 +487,9 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
             position["best_test_top1_error"] is None or record["test_top1_error"] < position["best_test_top1_error"])
         if improved:
             position["best_test_top1_error"] = record["test_top1_error"]
-        checkpoint(out / LAST, finished_epoch=True)
+        checkpoint(out / LAST, True, numpy_state)
         if improved:
-            checkpoint(out / BEST, finished_epoch=True)
+            checkpoint(out / BEST, True, numpy_state)
         if stopped_early:
             break
 
@@ -428,7 +506,8 @@ def _train(config: TrainConfig, group: parallel.Replicas, resume: bool, progress
             progress.note("warning: the replicas' final states differ (see replica_state_sha256 in summary.json)")
     if not group.is_writer:
         return summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    _atomic_write(out / "summary.json", lambda file: file.write(text.encode()))
     plot_note = write_curves(out / "curves.png", metrics, f"{spec.name} on {config.data} ({config.backend})")
     if plot_note:
         progress.note(plot_note)
@@ -439,8 +518,10 @@ def _empty_sums() -> dict:
     return {"loss": 0.0, "wrong": 0, "seen": 0, "seconds": 0.0, "lr": None}
 
 
-def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: ResNetSpec, optimizer) -> None:
-    """A checkpoint continues only the run it came from: same network, optimiser and recipe."""
+def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: ResNetSpec, optimizer, plan: Plan,
+                     dtype: str, per_epoch: int) -> None:
+    """A checkpoint continues only the run it came from: same network, optimiser and recipe; and only if its
+    tensors and optimiser slots fit that network and optimiser, and its position the data's epochs."""
     if description.get("spec") != spec.to_dict():
         raise CheckpointError(f"{path} was written for the network {description.get('spec', {}).get('name')!r}, not "
                               f"{spec.name!r}: resume with the same --arch/--spec, or use another --out")
@@ -454,6 +535,14 @@ def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: R
         changes = ", ".join(f"{key} {saved.get(key)!r} -> {mine.get(key)!r}" for key in differing)
         raise CheckpointError(f"{path} belongs to a run with other settings ({changes}): resume with the same "
                               "settings, or use another --out")
+    position = description["position"]
+    if position["batch"] > per_epoch or position["step"] != position["epoch"] * per_epoch + position["batch"]:
+        raise DescriptionError(f"checkpoint {path}: field 'position' (epoch {position['epoch']}, batch "
+                               f"{position['batch']}, step {position['step']}) is not a position of this run's "
+                               f"epochs of {per_epoch} steps (the file was altered, or the data set changed)")
+    shapes = plan.param_shapes()
+    slots = {f"{slot}.{name}": shapes[name][0] for slot in optimizer.slots for name in trainable_names(plan)}
+    check_tensors(path, describe_weights_file(path), plan, dtype, slots)
 
 
 def write_curves(path: Path, metrics: list[dict], title: str) -> str | None:
@@ -482,19 +571,22 @@ def write_curves(path: Path, metrics: list[dict], title: str) -> str | None:
     error_axis.set_ylim(bottom=0)
     figure.suptitle(title)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    try:  # atomically, so that a killed run leaves a temporary the next one removes (see checkpoint.run_directory)
+        _atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+    finally:
+        plt.close(figure)
     return None
 
 
 def spec_of_checkpoint(path) -> ResNetSpec:
-    """The network a checkpoint (last or best) was trained as."""
+    """The network a checkpoint (last or best) was trained as; refused when its tensors are not that network's."""
     description = read_description(path)
-    if not isinstance(description.get("spec"), dict):
-        raise CheckpointError(f"{path}: its checkpoint description names no network (no 'spec')")
-    return ResNetSpec.from_dict(description["spec"])
+    spec = ResNetSpec.from_dict(description["spec"])
+    try:
+        check_tensors(path, describe_weights_file(path), make_plan(spec), description["dtype"])
+    except CheckpointError as error:
+        raise DescriptionError(f"{error} (its field 'spec' does not describe its tensors)") from None
+    return spec
 
 
 def data_of_checkpoint(path) -> tuple[str | None, dict]:
