@@ -17,6 +17,9 @@ from portres import zoo
 from portres.spec import ResNetSpec, SpecError
 from portres.weights import WeightsError
 
+MAX_IMAGE_SIZE = 4096  # portres.training.loop.MAX_IMAGE_SIZE (not imported: the CLI loads training code lazily)
+IMAGE_SIZE = click.IntRange(min=1, max=MAX_IMAGE_SIZE)  # --image-size of train, eval, gradflow and lesion
+
 USER_ERRORS = (SpecError, WeightsError, ValueError, KeyError, OSError, RuntimeError, MemoryError)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .app import data_for, json_line, main, table
+from .app import IMAGE_SIZE, data_for, json_line, main, table
 
 
 def percent(value) -> str:  # the reports' format, imported lazily (cli modules load no experiment code)
@@ -65,8 +65,9 @@ def experiment():
 @click.option("--limit-train", type=click.IntRange(min=2), help="Train on the first N images only (quick runs).")
 @click.option("--out", default="runs/degradation", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--resume", is_flag=True, help="Continue each network's run from OUT/<net>/last.safetensors.")
+@click.option("--overwrite", is_flag=True, help="Replace the runs already in OUT/<net>/ (refused without it).")
 def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, weight_decay, schedule, warmup_epochs,
-                seed, limit_train, out, resume):
+                seed, limit_train, out, resume, overwrite):
     """Train plain and residual twins with one recipe: OUT/report.md, OUT/degradation.png (training
     error per epoch: plain dashed, residual solid), OUT/results.json, and each run in OUT/<net>/.
 
@@ -84,7 +85,8 @@ def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, w
         raise click.UsageError("--nets names no network; give e.g. plain20,plain56,resnet20,resnet56")
     config = DegradationConfig(out=out, nets=names, data=data, data_dir=data_dir, backend=backend, device=device,
                                epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                               schedule=schedule, warmup_epochs=warmup_epochs, seed=seed, limit_train=limit_train)
+                               schedule=schedule, warmup_epochs=warmup_epochs, seed=seed, limit_train=limit_train,
+                               overwrite=overwrite)
     results = run_degradation(config, resume=resume)
     rows = [[row["network"], row["family"], row["depth"], f"{row['params']:,}", percent(row["final_train_error"]),
              percent(row["final_test_error"]), percent(row["best_test_error"])] for row in results["nets"]]
@@ -106,7 +108,7 @@ def degradation(nets, data, data_dir, backend, device, epochs, batch_size, lr, w
 @click.option("--weights", type=click.Path(), help="Weights or a checkpoint for the one NAME (default: init).")
 @click.option("--data", help="Take the batch from this data set's test split (default: Gaussian images).")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
-@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
 @click.option("--batch", type=click.IntRange(min=2), default=16, show_default=True, help="Images in the loss's batch.")
 @click.option("--input-size", type=click.IntRange(min=1), help="Gaussian images' side (default 32 for CIFAR nets).")
 @click.option("--line-points", type=click.IntRange(min=3), default=32, show_default=True,
@@ -194,7 +196,7 @@ def _print_comparison(flows: list[dict]) -> None:
               help="A trained network's weights or checkpoint; repeat to compare checkpoints (e.g. a plain twin).")
 @click.option("--data", help="The data set whose test split is used (default: the checkpoint's; else digits).")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
-@click.option("--image-size", type=click.IntRange(min=1), help="digits/folder: square side images are resized to.")
+@click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
 @click.option("--backend", default="mlx", show_default=True,
               help="numpy, tinygrad, mlx, torch or onnxruntime (path gradients then on numpy).")
 @click.option("--device", help="Backend device.")

@@ -7,10 +7,7 @@ import sys
 
 import click
 
-from .app import data_for, data_options, load_spec, main
-
-MAX_IMAGE_SIZE = 4096  # portres.training.loop.MAX_IMAGE_SIZE (not imported: the CLI loads training code lazily)
-IMAGE_SIZE = click.IntRange(min=1, max=MAX_IMAGE_SIZE)
+from .app import IMAGE_SIZE, data_for, data_options, load_spec, main
 
 
 def _milestones(value: str | None) -> tuple[int, ...] | None:

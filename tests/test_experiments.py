@@ -450,6 +450,14 @@ def test_the_degradation_command(tmp_path):
                                        str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "plain20" in result.stdout and (tmp_path / "d" / "report.md").is_file()
+    again = CliRunner().invoke(main, ["experiment", "degradation", "--nets", "plain20", "--backend", "numpy",
+                                      "--epochs", "1", "--batch-size", "8", "--limit-train", "8", "--out",
+                                      str(tmp_path / "d")])
+    assert again.exit_code == 2 and "--overwrite" in again.output, again.output  # a finished run is never replaced
+    replaced = CliRunner().invoke(main, ["experiment", "degradation", "--nets", "plain20", "--backend", "numpy",
+                                         "--epochs", "1", "--batch-size", "8", "--limit-train", "8", "--out",
+                                         str(tmp_path / "d"), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -464,6 +472,8 @@ def test_the_degradation_command(tmp_path):
     (["experiment", "degradation", "--nets", "resnet20,resnet21"], "unknown preset 'resnet21'"),
     (["experiment", "degradation", "--nets", ","], "--nets names no network"),
     (["experiment", "degradation", "--lr", "0"], "lr=0.0 must be > 0"),
+    (["gradflow", "resnet20", "--data", "digits", "--image-size", "100000"], "100000 is not in the range 1<=x<=4096"),
+    (["lesion", "--weights", "w.safetensors", "--image-size", "5000"], "5000 is not in the range 1<=x<=4096"),
 ])
 def test_command_errors_are_one_line_with_status_2(args, message, tmp_path):
     result = CliRunner().invoke(main, [*args, *(["--out", str(tmp_path)] if "degradation" in args else [])])

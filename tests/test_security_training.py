@@ -365,7 +365,7 @@ def no_loading(monkeypatch):
 
 
 def test_an_image_size_too_large_is_refused_before_loading(tmp_path, no_loading):
-    assert importlib.import_module("portres.cli.train").MAX_IMAGE_SIZE == loop.MAX_IMAGE_SIZE  # one bound
+    assert importlib.import_module("portres.cli.app").MAX_IMAGE_SIZE == loop.MAX_IMAGE_SIZE  # one bound
     with pytest.raises(TrainingError, match="image_size=100000 must be an integer from 1 to 4096"):
         run(quick(tmp_path, data_options={"image_size": 100000}))
     result, lines = invoke("train", "--arch", "resnet20", "--backend", "numpy", "--image-size", "100000",

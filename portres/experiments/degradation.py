@@ -64,6 +64,7 @@ class DegradationConfig:
     warmup_epochs: float | None = None  # linear warm-up from lr/10 in front of the schedule
     seed: int = 0  # weights, data order and augmentation of every network
     limit_train: int | None = None  # train on the first N images only (quick runs)
+    overwrite: bool = False  # replace the runs already in OUT/<net>/ instead of refusing them
 
     def train_config(self, net) -> TrainConfig:
         """The ``TrainConfig`` of one network: the same recipe, seed and data order for all."""
@@ -76,7 +77,7 @@ class DegradationConfig:
         where = {"arch": net} if isinstance(net, str) else {"spec": net.to_dict()}
         return TrainConfig(out=str(Path(self.out) / name), data=self.data, data_dir=self.data_dir,
                            backend=self.backend, device=self.device, seed=self.seed, limit_train=self.limit_train,
-                           warmup_epochs=warmup, **where, **chosen)
+                           warmup_epochs=warmup, overwrite=self.overwrite, **where, **chosen)
 
 
 def main_path_depth(spec: ResNetSpec) -> int:
