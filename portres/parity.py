@@ -17,7 +17,9 @@ from .model import build, resolve_spec
 from .plan import INPUT, make_plan, run_plan
 from .weights import init_params
 
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+# float16: every framework is within 2.2e-3 on the networks tests/test_parity.py runs, and a primitive off by
+# 1% puts a network off by 1e-2 or more (2e-2 let it through); bfloat16 reaches 1.6e-2 on its own
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
 def relative_error(out, ref) -> float:

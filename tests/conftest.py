@@ -1,29 +1,38 @@
 """Three tiers of one suite:
 
-* ``make test`` (what CI runs, under 20 minutes on 2 cores): every test; a zoo-parametrised test
-  runs a *framework* backend only on one network per distinct architecture (the shallowest of
-  resnet18/34, of resnet50/101/152, of resnet20/32/.../1202, ...: deeper twins repeat the same
-  blocks, so they add time, not coverage). The NumPy reference still covers every entry.
-  tinygrad, which compiles every network anew, runs the forward parity on those networks but the
-  HEAVY_NETWORKS and its other zoo-parametrised tests on resnet20; the float64 gradient parity
-  leaves out HEAVY_NETWORKS.
-* ``make test-full`` (``PORTRES_FULL_ZOO=1``): every zoo entry on every backend, tinygrad included
-  where the default tier runs it on a few networks (its kernels compile for about a minute per
-  network on 2 cores).
+* ``make test`` (what CI runs, about 25 minutes on 2 cores): every test, every zoo entry on every
+  framework. A zoo-parametrised test runs the shallowest network of each distinct architecture
+  (the shallowest of resnet18/34, of resnet50/101/152, of resnet20/32/.../1202, ...: REPRESENTATIVES)
+  on the full case, and the deeper twins and the HEAVY_NETWORKS on a reduced one: the forward parity
+  at the smallest input the network accepts (32x32 for ImageNet stems, 8x8 for CIFAR ones) on one
+  image (:func:`forward_case`), the float64 gradient parity on two images (:func:`gradient_case`) on
+  one framework each, MLX and torch in turn (:func:`gradient_frameworks`). tinygrad, which compiles
+  every network anew, runs the forward parity (BN folded) on the representatives but the
+  HEAVY_NETWORKS, both ways on TINYGRAD_DEEP, and its other zoo-parametrised tests on resnet20 alone.
+* ``make test-full`` (``PORTRES_FULL_ZOO=1``): every zoo entry on every backend on the full case,
+  tinygrad included (its kernels compile for about a minute per network on 2 cores).
 * ``make test-fast`` (``--fast``): the inner loop: the reference, one small network per framework
   and the mechanics, in a few minutes; it keeps a zoo-parametrised test only for FAST_NETWORKS,
   runs tinygrad only where FAST_TINYGRAD says, and drops tests marked ``slow``.
+
+``PORTRES_EXPECT_BACKENDS="numpy,tinygrad,..."`` (the Makefile's test targets set it) names the
+backends the run must find: a framework that failed to install then fails the run at its start,
+instead of its tests silently not being collected.
 """
 
 from __future__ import annotations
 
 import os
 
+import pytest
+
 from portres import backends, zoo
 
 FAST_NETWORKS = {"resnet20"}
-FAST_TINYGRAD = ("test_float32_parity_for_every_zoo_entry", "test_float64_gradient_parity_for_every_zoo_entry")
+FAST_TINYGRAD = ("test_float32_parity_for_every_zoo_entry", "test_float64_gradient_parity_for_every_zoo_entry",
+                 "test_float64_forward_parity")
 FULL_ZOO = os.environ.get("PORTRES_FULL_ZOO") == "1"
+EXPECT_VARIABLE = "PORTRES_EXPECT_BACKENDS"
 
 
 def _architecture(name: str) -> str:
@@ -45,9 +54,51 @@ def architecture_representatives() -> set[str]:
 
 
 REPRESENTATIVES = architecture_representatives()
-# distinct architectures whose size (not their kind of block) makes them slow: their grouped, wide and deep
-# bottleneck blocks are covered by resnext50_32x4d, resnet50 and resnetv2_50; the full tier runs them everywhere
+# distinct architectures whose size (not their kind of block) makes them slow: the default tier runs them
+# on the reduced case, like the deeper twins, and tinygrad leaves them to the full tier
 HEAVY_NETWORKS = {"resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "resnetv2_164"}
+# the deep twins tinygrad runs by default (the reduced case): plain110 is where float32 drifts most
+TINYGRAD_DEEP = {"plain110"}
+
+
+def reduced(name: str) -> bool:
+    """Whether this tier runs zoo entry ``name`` on the reduced case (deeper twins and heavy networks)."""
+    return not FULL_ZOO and (name not in REPRESENTATIVES or name in HEAVY_NETWORKS)
+
+
+def forward_case(name: str) -> tuple[int, int]:
+    """(input size, batch) of the forward parity of zoo entry ``name`` in this tier."""
+    from portres.parity import default_input_size
+    from portres.plan import make_plan
+
+    spec = zoo.resolve(name)
+    if reduced(name):  # the smallest input the network accepts (CIFAR: 8x8, so the last stage is 2x2), one image
+        return max(make_plan(spec).total_stride, 8), 1
+    return default_input_size(spec), 2
+
+
+def gradient_case(name: str) -> tuple[int, int]:
+    """(input size, batch) of the float64 gradient parity of zoo entry ``name`` in this tier.
+
+    The reduced case keeps the input size: a framework's float64 backward costs the same at 32x32 as
+    at 64x64 (per-op overhead dominates), and at 32x32 an ImageNet network's last train-mode BNs see
+    one value per image, which makes the gradients chaotic (resnet101 at 32x32, 2 images: 1e-4 apart
+    in float64; at 64x64: 4e-12). It takes 2 images instead of 4.
+    """
+    from portres.parity import default_input_size
+
+    return default_input_size(zoo.resolve(name)), 2 if reduced(name) else 4
+
+
+def gradient_frameworks(name: str) -> tuple[str, ...]:
+    """The frameworks the float64 gradient parity of zoo entry ``name`` runs on in this tier: every one,
+    but a network on the reduced case runs on one, MLX and torch in turn (in zoo order), since a
+    framework's float64 backward of a deep network takes 10-40 s on 2 cores."""
+    if not reduced(name):
+        return backends.TRAINABLE
+    rotation = [backend for backend in ("mlx", "torch") if backend in backends.available(training=True)]
+    on_reduced = [network for network in zoo.names() if reduced(network)]
+    return (rotation[on_reduced.index(name) % len(rotation)],) if rotation else ()
 
 
 def pytest_addoption(parser):
@@ -56,6 +107,29 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out by --fast (long runs, sweeps, subprocess kills)")
+
+
+def missing_expected_backends(expected: str | None) -> list[str]:
+    """One line per backend named in ``expected`` (comma-separated) that cannot run here, saying why and
+    which pip extra installs it."""
+    lines = []
+    for name in [part.strip() for part in (expected or "").split(",") if part.strip()]:
+        if name not in backends.NAMES:
+            lines.append(f"{EXPECT_VARIABLE} names {name!r}, which is no backend: choose from "
+                         f"{', '.join(backends.NAMES)}")
+            continue
+        reason = backends.unavailable_reason(name)
+        if reason is not None:
+            hint = backends.install_hint(name)
+            extra = "" if hint in reason else f" (it installs with {hint})"
+            lines.append(f"{EXPECT_VARIABLE}: the {name} backend is not available: {reason}{extra}")
+    return lines
+
+
+def pytest_sessionstart(session):
+    missing = missing_expected_backends(os.environ.get(EXPECT_VARIABLE))
+    if missing:  # its tests would not be collected, and the run would stay green without them
+        raise pytest.UsageError("\n".join(missing))
 
 
 def _params(item) -> dict:
@@ -71,14 +145,17 @@ def _in_default_tier(item) -> bool:
     network = _zoo_network(item)
     frameworks = {value for value in _params(item).values()
                   if isinstance(value, str) and value != "numpy" and value in backends.NAMES}
-    if network is None or not frameworks:
+    if network is None or "tinygrad" not in frameworks:
+        return True  # every other framework runs every zoo entry (deep twins and heavy ones on the reduced case)
+    # tinygrad compiles every network anew: the zoo's forward parity on the representatives (but the heavy
+    # ones) and TINYGRAD_DEEP, everything else on resnet20
+    if network in FAST_NETWORKS:
         return True
-    if network not in REPRESENTATIVES:
+    if item.originalname != "test_float32_parity_for_every_zoo_entry":
         return False
-    if "tinygrad" in frameworks:  # compiles every network anew: the zoo's forward parity, else resnet20 alone
-        return network in FAST_NETWORKS or (item.originalname == "test_float32_parity_for_every_zoo_entry"
-                                            and network not in HEAVY_NETWORKS)
-    return item.originalname != "test_float64_gradient_parity_for_every_zoo_entry" or network not in HEAVY_NETWORKS
+    if network in TINYGRAD_DEEP:
+        return True
+    return network in REPRESENTATIVES and network not in HEAVY_NETWORKS and _params(item).get("bn") != "unfolded"
 
 
 def _in_fast_tier(item) -> bool:

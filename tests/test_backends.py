@@ -77,3 +77,44 @@ def test_a_model_built_in_one_thread_runs_in_others_concurrently(case, backend):
         outputs = list(pool.map(lambda i: model(images[i % 5:i % 5 + 2]), range(6)))
     for i, out in enumerate(outputs):
         assert parity.relative_error(out, reference[i % 5:i % 5 + 2]) < 1e-5
+
+
+# -- PORTRES_EXPECT_BACKENDS: a framework that failed to install fails the run (tests/conftest.py) -------------
+
+
+def test_an_expected_backend_that_cannot_run_is_one_line_naming_it_and_its_pip_extra(monkeypatch):
+    from conftest import missing_expected_backends
+
+    assert missing_expected_backends(None) == [] == missing_expected_backends("")
+    assert missing_expected_backends(" numpy , ") == []
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: {
+        "torch": "torch is not installed: pip install 'portres[torch]'",
+        "tinygrad": "tinygrad's CPU device compiles kernels with clang, which is not on PATH"}.get(name)
+        or real(name, device))
+    lines = missing_expected_backends("numpy,torch,tinygrad,cuda")
+    assert lines == [
+        "PORTRES_EXPECT_BACKENDS: the torch backend is not available: torch is not installed: pip install "
+        "'portres[torch]'",
+        "PORTRES_EXPECT_BACKENDS: the tinygrad backend is not available: tinygrad's CPU device compiles kernels "
+        "with clang, which is not on PATH (it installs with pip install 'portres[tinygrad]')",
+        "PORTRES_EXPECT_BACKENDS names 'cuda', which is no backend: choose from numpy, tinygrad, mlx, torch, "
+        "onnxruntime"]
+
+
+def test_a_run_expecting_a_missing_backend_fails_at_its_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # onnxruntime blocked as if it had failed to install; the run stops before collecting anything
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "import pytest; sys.exit(pytest.main(['tests/test_smoke.py', '-q', '-p', 'no:cacheprovider']))\n")
+    environment = {**os.environ, "PORTRES_EXPECT_BACKENDS": "numpy,onnxruntime"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert ("PORTRES_EXPECT_BACKENDS: the onnxruntime backend is not available: onnxruntime is not installed: "
+            "pip install 'portres[onnx]'") in done.stdout + done.stderr
+    assert "passed" not in done.stdout

@@ -63,8 +63,34 @@ def test_batch_norm_train_returns_batch_mean_and_unbiased_variance():
     assert np.allclose(y.mean((0, 2, 3)), 0) and np.allclose(y.var((0, 2, 3)), 1, atol=1e-4)  # biased, as normalised
 
 
+@pytest.mark.parametrize("stride, padding, groups", [(1, 1, 1), (2, 0, 2)])
+def test_conv2d_bias_backward(stride, padding, groups):
+    """The conv bias gradient (Keras' convs have one) is summed by the plan's backward walker, not by
+    conv2d_backward: checked through portres.training.backprop.backward_op, on every input at once."""
+    from portres.plan import Conv2d, Op
+    from portres.training.backprop import backward_op
+
+    x, w, b = RNG.standard_normal((2, 4, 7, 7)), RNG.standard_normal((6, 4 // groups, 3, 3)), RNG.standard_normal(6)
+    op = Op("conv", Conv2d(4, 6, 3, stride, padding, groups, bias=True), ("x",), "y")
+    out = REFERENCE.conv2d(x, w, b, stride, padding, groups)
+    r = RNG.standard_normal(out.shape)
+    (grad_x,), grads = backward_op(REFERENCE, op, [x], r, {"conv.weight": w, "conv.bias": b})
+    assert sorted(grads) == ["conv.bias", "conv.weight"] and grads["conv.bias"].shape == b.shape
+    f = weighted(lambda x, w, b: REFERENCE.conv2d(x, w, b, stride, padding, groups), r)
+    assert directional_check(f, [x, w, b], [grad_x, grads["conv.weight"], grads["conv.bias"]]) < 1e-7
+    # the bias alone, element by element (central differences)
+    step, numeric = 1e-6, np.zeros_like(b)
+    for i in range(b.size):
+        bump = np.zeros_like(b)
+        bump[i] = step
+        numeric[i] = (f(x, w, b + bump) - f(x, w, b - bump)) / (2 * step)
+    np.testing.assert_allclose(grads["conv.bias"], numeric, rtol=1e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("name, forward, backward", [
     ("relu", lambda x: R.relu(x), lambda g, x: [R.relu_backward(g, x)]),
+    ("zero_pad 1", lambda x: R.zero_pad(x, 1), lambda g, x: [R.zero_pad_backward(g, 1)]),
+    ("zero_pad 3", lambda x: R.zero_pad(x, 3), lambda g, x: [R.zero_pad_backward(g, 3)]),
     ("max_pool 3/2 pad 1", lambda x: R.max_pool(x, 3, 2, 1), lambda g, x: [R.max_pool_backward(g, x, 3, 2, 1)]),
     ("avg_pool 2/2 ceil", lambda x: R.avg_pool(x, 2, 2), lambda g, x: [R.avg_pool_backward(g, x, 2, 2)]),
     ("avg_pool 3/2 ceil", lambda x: R.avg_pool(x, 3, 2), lambda g, x: [R.avg_pool_backward(g, x, 3, 2)]),

@@ -1,65 +1,141 @@
 """The gradient parity suite: every framework's autodiff against the float64 reference's
 hand-written backward - loss, every parameter's gradient and the updated BN statistics.
 
-Every zoo entry is compared in float64 (chaotic deep networks included; see
-portres/training/parity.py for why float32 cannot be held to 1e-3 there), and random small
-networks in float32 at the issue's thresholds on cases whose ReLU/max-pool gates sit clear of
-their kinks. tinygrad compiles each network's backward for minutes on 2 cores, so by default it
-runs on small networks covering every block, stem and shortcut kind; PORTRES_FULL_ZOO=1 runs it
-over the whole zoo too.
+Every zoo entry is compared in float64 (deep networks included; see portres/training/parity.py for
+why float32 cannot be held to 1e-3 there) and held to what float64 achieves (FLOAT64, about 1e-10),
+far below what a float32 computation anywhere on the way leaves (1e-7 and more); random small networks
+in float32 at the issue's thresholds on cases whose ReLU/max-pool gates sit clear of their kinks.
+tinygrad compiles each network's backward for minutes on 2 cores, so by default it runs on small
+networks covering every block, stem and shortcut kind; PORTRES_FULL_ZOO=1 runs it over the whole zoo
+too. By default the deeper twins and heavy networks run on two images, each on one framework
+(tests/conftest.py: gradient_case, gradient_frameworks); the full tier runs each on every framework.
 """
 
 from __future__ import annotations
 
-import os
+import math
 
 import numpy as np
 import pytest
+from conftest import FULL_ZOO, gradient_case, gradient_frameworks  # tests/ is on sys.path (rootdir conftest)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import portres
 from portres import backends, zoo
-from portres.parity import default_input_size
 from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training import parity
-from portres.training.grads import loss_and_grads
+from portres.training.grads import loss_and_grads, trainable_names
 
 FRAMEWORKS = [name for name in backends.available(training=True) if name != "numpy"]
-FULL_ZOO = os.environ.get("PORTRES_FULL_ZOO") == "1"
 ZOO_FOR = {"tinygrad": zoo.names() if FULL_ZOO else ["resnet20"]}
 
 
 class References:
-    """The float64 reference gradients per (network, dtype-independent case), shared by the backends."""
+    """The float64 reference gradients per (network, case), shared by the backends."""
 
     def __init__(self):
         self.key, self.value = None, None
 
-    def get(self, spec, size):
-        if self.key != (spec, size):
-            images, labels, params = parity.gradient_case(spec, size, batch=4, seed=0)
+    def get(self, spec, size, batch=4):
+        if self.key != (spec, size, batch):
+            images, labels, params = parity.gradient_case(spec, size, batch=batch, seed=0)
             reference = loss_and_grads(spec, "numpy", params, images, labels, dtype="float64")
-            self.key, self.value = (spec, size), (images, labels, params, reference)
+            self.key, self.value = (spec, size, batch), (images, labels, params, reference)
         return self.value
 
 
 REFERENCES = References()
 
 
-def compare(spec, backend, size, dtype="float64", case=None):
-    images, labels, params, reference = case or REFERENCES.get(spec, size)
+def compare(spec, backend, size, dtype="float64", case=None, batch=4):
+    images, labels, params, reference = case or REFERENCES.get(spec, size, batch)
     computed = loss_and_grads(spec, backend, params, images, labels, dtype=dtype)
-    return parity.compare_grads(parity.GradParityResult(backend, "-", dtype), reference, computed,
-                                portres.make_plan(spec))
+    result = parity.compare_grads(parity.GradParityResult(backend, "-", dtype), reference, computed,
+                                  portres.make_plan(spec))
+    result.float64_errors = float64_errors(reference, computed, portres.make_plan(spec)) if dtype == "float64" else None
+    return result
+
+
+# -- float64: held to what float64 achieves ------------------------------------------------------------------
+
+# Measured (MLX and torch, every zoo entry on the default tier's case): networks of up to 50 weighted layers
+# within 1e-14 (loss), 2e-13 (all gradients), 3.2e-13 (any one parameter's), 1e-14 (BN statistics); deeper
+# ones within 9.5e-14, 1.3e-11, 1.6e-11 and 3.6e-13 (resnet152 and its v1/keras twins), resnet1202 and
+# resnetv2_1001 within 9.6e-13, 3.8e-11, 1.1e-10 and 2.8e-12. Computed in float32 instead, the same cases
+# are off by 1e-8 to 3e-6 (loss), 4e-7 to 3e-2 (all gradients; resnet20 on torch: 5.7e-8 and 1.2e-6, which
+# portres.training.parity's float64 thresholds of 1e-7 and 1e-6 nearly let through). So FLOAT64 holds up
+# to 50 weighted layers and grows in proportion to depth beyond (depth_factor: resnet152 3.1x, resnetv2_1001
+# 20x); plain networks, which train-mode BN makes chaotic at initialisation (rounding amplified ~10x per 12
+# layers), have their own.
+FLOAT64 = {"loss": 1e-12, "grads": 1e-10, "parameter": 1e-10, "running_stats": 1e-12}
+CHAOTIC = {  # network -> factor on FLOAT64 (after depth_factor), with what float64 achieves there
+    "plain56": 10,  # loss 9.9e-14, gradients 8.9e-12, parameter 1.6e-11, statistics 3.4e-14
+    "plain110": 1e5,  # loss 4.9e-10, gradients 5.2e-7, parameter 8.4e-7, statistics 4.3e-10
+}
+# plain1202's train-mode gradients at initialisation are chaotic even in float64: the reference differs from
+# itself by O(1) when one input value moves by one ulp (test_plain1202_gradients_are_chaotic_even_in_float64)
+NOT_COMPARABLE = {"plain1202"}
+
+
+def depth_factor(spec) -> float:
+    layers = sum(op.kind in ("conv2d", "linear") for op in portres.make_plan(spec).ops)
+    return max(1.0, layers / 50)
+
+
+def float64_errors(reference: tuple, computed: tuple, plan) -> dict:
+    """Relative errors of loss, all gradients, the worst parameter's gradient (relative to its own norm or,
+    if larger, its share of the whole gradient's norm: a bias that BN normalises away has a gradient of
+    rounding only) and the BN statistics."""
+    (ref_loss, ref_grads, ref_stats), (loss, grads, stats) = reference, computed
+    names = trainable_names(plan)
+    flat = lambda arrays, keys: np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in keys])  # noqa: E731
+    total = np.linalg.norm(flat(ref_grads, names))
+    size = flat(ref_grads, names).size
+    worst, where = 0.0, "-"
+    for name in names:
+        ref, got = np.asarray(ref_grads[name], np.float64), np.asarray(grads[name], np.float64)
+        scale = max(np.linalg.norm(ref), total * math.sqrt(ref.size / size))
+        error = float(np.linalg.norm(got - ref) / scale) if got.shape == ref.shape else math.inf
+        if not error <= worst:
+            worst, where = error, name
+    return {"loss": abs(loss - ref_loss) / abs(ref_loss),
+            "grads": float(np.linalg.norm(flat(grads, names) - flat(ref_grads, names)) / total),
+            "parameter": worst, "worst_parameter": where,
+            "running_stats": float(np.linalg.norm(flat(stats, ref_stats) - flat(ref_stats, ref_stats))
+                                   / np.linalg.norm(flat(ref_stats, ref_stats)))}
+
+
+def assert_float64_parity(result, spec, name: str = ""):
+    assert result.passed, result.to_dict() | {"parameter_errors": None, "divergence": result.divergence}
+    errors = result.float64_errors
+    factor = CHAOTIC.get(name, 1) * depth_factor(spec)
+    over = {key: f"{errors[key]:.3g} > {limit * factor:.3g}" for key, limit in FLOAT64.items()
+            if not errors[key] < limit * factor}
+    assert not over, f"{result.backend}: {over} (worst parameter {errors['worst_parameter']})"
 
 
 @pytest.mark.parametrize("name, backend", [(n, b) for n in zoo.names() for b in FRAMEWORKS
-                                           if n in ZOO_FOR.get(b, zoo.names())])
+                                           if n in ZOO_FOR.get(b, zoo.names()) and b in gradient_frameworks(n)])
 def test_float64_gradient_parity_for_every_zoo_entry(name, backend):
+    if name in NOT_COMPARABLE:
+        pytest.skip(f"{name}'s train-mode gradients are chaotic even in float64 (see NOT_COMPARABLE)")
     spec = portres.get(name)
-    result = compare(spec, backend, default_input_size(spec))
-    assert result.passed, result.to_dict() | {"parameter_errors": None, "divergence": result.divergence}
+    size, batch = gradient_case(name)
+    assert_float64_parity(compare(spec, backend, size, batch=batch), spec, name)
+
+
+@pytest.mark.slow
+def test_plain1202_gradients_are_chaotic_even_in_float64():
+    """Why plain1202 is NOT_COMPARABLE: the reference's own gradients move by O(1) when one input value
+    moves by one ulp (measured 1.2 relative at 16x16; plain110: 1e-8). If this stops being so, compare it."""
+    spec = portres.get("plain1202")
+    images, labels, params = parity.gradient_case(spec, 16, batch=2, seed=0)
+    nudged = images.copy()
+    nudged[0, 0, 0, 0] = np.nextafter(nudged[0, 0, 0, 0], np.inf)
+    grads = [loss_and_grads(spec, "numpy", params, x, labels, dtype="float64")[1] for x in (images, nudged)]
+    flat = [np.concatenate([g[name].ravel() for name in g]) for g in grads]
+    assert np.linalg.norm(flat[1] - flat[0]) / np.linalg.norm(flat[0]) > 1e-2
 
 
 # small networks that cover every block kind, stem, shortcut policy and grouped conv
@@ -100,6 +176,8 @@ def test_gradient_parity_of_every_layer_kind(name, backend):
         result = compare(spec, backend, 16, dtype, case=(*case, reference))
         assert result.passed, (dtype, result.to_dict())
         assert result.tolerance == parity.TOLERANCES[dtype]
+        if dtype == "float64":
+            assert_float64_parity(result, spec)
 
 
 @st.composite
@@ -309,3 +387,38 @@ def test_strided_conv_over_the_space_to_depth_input_equals_the_direct_one(backen
         assert got.shape == want.shape
         np.testing.assert_allclose(np.array(got) if backend == "mlx" else got.numpy(),
                                    np.array(want) if backend == "mlx" else want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+SHIFTED_GEMM_CASES = [  # (batch, channels, side, out channels, kernel, padding)
+    (2, 3, 8, 4, 3, 1), (1, 4, 7, 5, 3, 1), (2, 2, 6, 3, 3, 0), (1, 3, 9, 2, 7, 3), (2, 4, 5, 6, 1, 0)]
+
+
+@pytest.mark.skipif("mlx" not in FRAMEWORKS, reason="mlx not installed")
+@pytest.mark.parametrize("case", SHIFTED_GEMM_CASES, ids=lambda case: "n{}c{}s{}o{}k{}p{}".format(*case))
+def test_mlx_shifted_gemm_conv_and_its_hand_written_gradient_equal_the_reference_in_float64(case):
+    """MLX's stride-1 convs as shifted GEMMs (training's 3x3 convs, and the strided ones over the
+    space-to-depth input) have a hand-written VJP: its value and both gradients against the float64
+    reference's conv2d and conv2d_backward (which test_backward.py checks by finite differences)."""
+    from portres.backends.numpy import Backend
+
+    shifted_gemm = backends.load("mlx")._shifted_gemm  # portres's MLX backend before mlx.core: it picks the BLAS
+    import mlx.core as mx
+
+    batch, channels, side, out_channels, kernel, padding = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, channels, side, side + 1))
+    weight = rng.standard_normal((out_channels, channels, kernel, kernel))
+    reference = Backend()
+    expected = reference.conv2d(x, weight, None, 1, padding, 1)
+    cotangent = rng.standard_normal(expected.shape)
+    expected_grads = reference.conv2d_backward(cotangent, x, weight, 1, padding, 1)
+
+    conv = shifted_gemm(padding, mx.default_stream(mx.cpu))
+    xs, ws = (mx.array(a.transpose(0, 2, 3, 1), dtype=mx.float64) for a in (x, weight))  # NHWC, OHWI
+    with mx.stream(mx.cpu):
+        value, grads = mx.vjp(conv, [xs, ws], [mx.array(cotangent.transpose(0, 2, 3, 1), dtype=mx.float64)])
+    got = [np.array(value[0]), *(np.array(g) for g in grads)]
+    want = [expected, *expected_grads]
+    for name, a, b in zip(("value", "input gradient", "weight gradient"), got, want):
+        assert a.dtype == np.float64, name
+        np.testing.assert_allclose(a.transpose(0, 3, 1, 2), b, rtol=1e-12, atol=1e-12, err_msg=name)
