@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # the backends the tests must find: one that failed to install fails the run instead of vanishing from it
 EXPECT := PORTRES_EXPECT_BACKENDS=numpy,tinygrad,mlx,torch,onnxruntime
 
-.PHONY: setup system-deps bench test test-full test-fast lint matrix clean
+.PHONY: setup system-deps bench test test-full test-fast lint matrix mutants mutants-full clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,14 @@ test-full: setup
 # the inner loop: the reference, one small network per framework, the mechanics (tests/conftest.py)
 test-fast: setup
 	$(EXPECT) $(BIN)/python -m pytest -q --fast
+
+# mutation checks: each deliberate bug, applied to a copy of the tree, must turn the test named for it red
+mutants: setup
+	$(BIN)/python tests/mutants.py
+
+# the same mutants against the whole inner-loop tier (pytest --fast), every red test named
+mutants-full: setup
+	$(BIN)/python tests/mutants.py --full
 
 lint: setup
 	$(BIN)/ruff check .
