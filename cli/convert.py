@@ -14,10 +14,10 @@ from portres.spec import ResNetSpec
 from portres.weights import (
     _FORMATS,
     _TORCH_FORMATS,
-    _capped,
     _is_counter,
-    _listed,
+    capped,
     describe_weights_file,
+    listed,
     load_weights,
     nearest_presets,
     save_weights,
@@ -50,7 +50,7 @@ class ConversionReport:
         network = self.network
         if self.recognised:
             others = [name for name in self.recognised if name != self.network]
-            same = f"; {_listed(others)} {'has' if len(others) == 1 else 'have'} the same tensors" if others else ""
+            same = f"; {listed(others)} {'has' if len(others) == 1 else 'have'} the same tensors" if others else ""
             network += f" (recognised from the names and shapes{same})"
         changes = ", ".join(f"{count} {change}" for change, count in self.dtype_changes.items())
         out = [f"{self.source} -> {self.destination} for {network}",
@@ -68,7 +68,7 @@ class ConversionReport:
             counters = sum(_is_counter(name) for name in self.dropped)
             dropped += f" (num_batches_tracked counters: {counters})" if counters == len(self.dropped) else ""
         out.append(f"  dropped:    {dropped}")
-        out += [f"  lossy:      {line}" for line in _capped(self.lossy)]  # one per tensor: hundreds in a big net
+        out += [f"  lossy:      {line}" for line in capped(self.lossy)]  # one per tensor: hundreds in a big net
         return out
 
 
@@ -126,8 +126,8 @@ def convert_weights(source, destination, spec: ResNetSpec | None = None, *, dtyp
             change = f"{before} -> {after}"
             report.dtype_changes[change] = report.dtype_changes.get(change, 0) + 1
     if losses and not allow_lossy:
-        listed = "\n  ".join(_capped(losses))
-        raise ValueError(f"nothing was written to {destination}: converting would lose values:\n  {listed}\n"
+        losses_shown = "\n  ".join(capped(losses))
+        raise ValueError(f"nothing was written to {destination}: converting would lose values:\n  {losses_shown}\n"
                          "choose a wider --dtype, or pass --allow-lossy to saturate and flush them")
     report.lossy = losses
     if bfloat16:
@@ -145,7 +145,7 @@ def _recognise(source: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[ResNet
         return zoo.get(best[0]), best
     closest = ""
     if matched:
-        closest = f"; the closest preset is {_listed(best, ' or ')} ({matched} of its {total} tensors match)"
+        closest = f"; the closest preset is {listed(best, ' or ')} ({matched} of its {total} tensors match)"
     raise ValueError(f"{source} does not match any preset exactly by names and shapes{closest}; give the network "
                      "with --arch NAME or --spec FILE.json")
 

@@ -120,20 +120,20 @@ _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink loop"))
 
 
-def _capped(items, what: str = "more") -> list[str]:
-    """The first ``_LISTED`` of ``items`` as text, then "... and N more" if there are more.
+def capped(items, what: str = "more", limit: int = _LISTED) -> list[str]:
+    """The first ``limit`` of ``items`` as text, then "... and N more" if there are more.
 
     Every message that lists names or problems goes through this, so its length does not grow
     with the file: 200,000 unexpected tensors are 20 names and a count, not 1.7 MB of text.
     """
     items = list(items)
-    more = [f"... and {len(items) - _LISTED:,} {what}"] if len(items) > _LISTED else []
-    return [str(item) for item in items[:_LISTED]] + more
+    more = [f"... and {len(items) - limit:,} {what}"] if len(items) > limit else []
+    return [str(item) for item in items[:limit]] + more
 
 
-def _listed(names, separator: str = ", ") -> str:
+def listed(names, separator: str = ", ") -> str:
     """Names for a message: the first ``_LISTED``, each shortened, then how many more."""
-    return separator.join(_shortened(text) for text in _capped(names))
+    return separator.join(_shortened(text) for text in capped(names))
 
 
 def _shortened(text: str) -> str:
@@ -321,7 +321,7 @@ def _checked_for_saving(path: Path, params, container: str | None = None) -> dic
             arrays[name] = np.asarray(array, order="C")  # ascontiguousarray would make a scalar shape (1,)
     if problems:
         raise WeightsError(f"nothing was written to {path}; these tensors would not load:\n  "
-                           + "\n  ".join(_capped(problems, "more problems")))
+                           + "\n  ".join(capped(problems, "more problems")))
     return arrays
 
 
@@ -753,12 +753,12 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
     missing = [name for name in expected if name not in given]
     unexpected = [name for name in given if name not in expected]
     if missing:
-        problems.append(f"missing ({len(missing):,}): {_listed(missing)}")
+        problems.append(f"missing ({len(missing):,}): {listed(missing)}")
     if unexpected:
         hint = ""
         if all(name.startswith("module.") for name in unexpected):
             hint = " (every unexpected key starts with 'module.': strip the DataParallel prefix)"
-        problems.append(f"unexpected ({len(unexpected):,}): {_listed(unexpected)}{hint}")
+        problems.append(f"unexpected ({len(unexpected):,}): {listed(unexpected)}{hint}")
     for name, shape in expected.items():
         if name not in described:
             continue
@@ -775,7 +775,7 @@ def _fit(expected: dict, given: Mapping, described: dict) -> tuple[list[str], li
 def _misfit(origin: str, plan: Plan, problems: list[str], shapes: Mapping[str, tuple] | None = None) -> WeightsError:
     hint = _looks_like(shapes, plan) if shapes else ""
     return WeightsError(f"weights from {origin} do not fit {plan.spec.name}:\n  "
-                        + "\n  ".join(_capped(problems, "more problems")) + hint)
+                        + "\n  ".join(capped(problems, "more problems")) + hint)
 
 
 @functools.cache
@@ -816,7 +816,7 @@ def _looks_like(shapes: Mapping[str, tuple], plan: Plan) -> str:
     best, matched, total = nearest_presets(shapes)
     if plan.spec.name in best or matched < 0.5 * max(len(given), total):
         return ""
-    names = _listed(best, " or ")
+    names = listed(best, " or ")
     if matched == len(given) == total:
         return f"\n  looks like {names} (every name and shape matches); load it with that preset"
     return f"\n  closest preset: {names} ({matched} of its {total} tensors match by name and shape)"

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..spec import ResNetSpec, SpecError
-from ..weights import TRAINING_STATE, WeightsError, _open_weights_file, read_metadata, save_weights
+from ..weights import TRAINING_STATE, WeightsError, _open_weights_file, capped, read_metadata, save_weights
 
 try:
     import fcntl
@@ -219,7 +219,7 @@ def check_tensors(path, described: dict[str, tuple[tuple[int, ...], str]], plan,
                   if name.startswith(TRAINING_STATE)}
         _compare(problems, "optimiser slot ", stored, slots, dtype)
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        shown = "; ".join(capped(problems, limit=8))  # one line: fewer than a file's listing
         raise CheckpointError(f"checkpoint {path} does not fit {plan.spec.name} as it is resumed: {shown}")
 
 
