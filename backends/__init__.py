@@ -2,9 +2,10 @@
 
 Nothing here imports a framework; :func:`load` imports one backend module, which
 imports its framework. Each backend module (``numpy.py``, ``tinygrad.py``, ``mlx.py``,
-``torch.py``, ``onnxruntime.py``) mirrors the others: a ``Backend`` class with array I/O, parameter loading,
-``compile`` and the primitive set the plan walker calls (conv2d, batch_norm,
-channel_affine, relu, max_pool, zero_pad, avg_pool, subsample, pad_channels, add, global_avg_pool, linear).
+``torch.py``, ``onnxruntime.py``) mirrors the others: a ``Backend`` class, a subclass of
+:class:`~portres.backends.base.AbstractBackend` (the contract: array I/O, parameter loading, ``compile``,
+the primitive set the plan walker calls - conv2d, batch_norm, channel_affine, relu, max_pool, zero_pad,
+avg_pool, subsample, pad_channels, add, global_avg_pool, linear - and the training hooks).
 
     >>> from portres import backends
     >>> "numpy" in backends.available()
@@ -21,11 +22,14 @@ import shutil
 import sys
 from dataclasses import dataclass
 
+from .base import PRIMITIVES
+
 NAMES = ("numpy", "tinygrad", "mlx", "torch", "onnxruntime")
 TRAINABLE = ("numpy", "tinygrad", "mlx", "torch")  # with gradients (onnxruntime is an inference engine)
-# what the plan walker calls on every backend (``portres.plan.apply_op``)
-PRIMITIVES = ("conv2d", "batch_norm", "channel_affine", "relu", "max_pool", "zero_pad", "avg_pool", "subsample",
-              "pad_channels", "add", "global_avg_pool", "linear")
+
+
+__all__ = ["NAMES", "PRIMITIVES", "TRAINABLE", "BackendUnavailable", "available", "install_hint", "load",
+           "unavailable_reason"]
 
 
 class BackendUnavailable(RuntimeError):

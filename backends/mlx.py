@@ -19,9 +19,7 @@ elementwise ops on a single thread.
 
 from __future__ import annotations
 
-import copy
 import functools
-import os
 import platform
 import sys
 import threading
@@ -31,6 +29,7 @@ import numpy as np
 
 from . import _blas
 from ._space_to_depth import space_to_depth
+from .base import AbstractBackend, Forwarding, cpu_cores, two_pass_statistics
 
 
 def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None, str]:
@@ -82,12 +81,6 @@ def info() -> dict:
             "default_device": str(mx.default_device().type).split(".")[-1], "blas": BLAS,
             "blas_core": BLAS_SELECTION.corename if BLAS_SELECTION else None,
             "blas_rejected": BLAS_SELECTION.rejected_lines() if BLAS_SELECTION else []}
-
-
-def _cpu_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _set_blas_threads(threads: int) -> None:
@@ -188,15 +181,23 @@ def _pixels(slices) -> int:
     return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
 
 
-def _batch_statistics(slices, on_streams, total=lambda partial: partial, ranks: int = 1):
-    """``(count, mean, centred slices, biased variance)`` per channel of a batch held as NHWC slices,
-    in two passes (the mean, then the centred sum of squares) from each slice's partial sums on its
-    stream; ``total`` adds partial sums across ``ranks`` equal shares of the global batch."""
-    count = _pixels(slices) * ranks
-    mean = total(sum(on_streams(lambda x: mx.sum(x, axis=(0, 1, 2)), slices))) / count
-    centered = on_streams(lambda x: x - mean, slices)
-    var = total(sum(on_streams(lambda c: mx.sum(c * c, axis=(0, 1, 2)), centered))) / count
-    return count, mean, centered, var
+def _channel_sum(x):
+    """An NHWC array summed over all but its channels."""
+    return mx.sum(x, axis=(0, 1, 2))
+
+
+_PER_THREAD = threading.local()  # MLX binds a stream to the thread that made it
+
+
+def _thread_streams(device, count: int) -> list:
+    """This thread's ``count`` streams on ``device``, made on its first call (MLX raises "There is no
+    Stream(cpu, 1) in current thread" for a stream made in another thread). Shared by every backend of
+    that device in the thread, so variants made for training add no streams (each is a thread in MLX)."""
+    pools = _PER_THREAD.__dict__.setdefault("pools", {})
+    key = (str(device), count)
+    if key not in pools:
+        pools[key] = [mx.new_stream(device) for _ in range(count)]
+    return pools[key]
 
 
 def _on_streams(streams, function, *per_slice) -> list:
@@ -226,7 +227,9 @@ def _batch_norm_train(eps: float, streams: tuple):
 
     @mx.custom_function
     def batch_norm(weight, bias, slices):
-        count, mean, centered, var = _batch_statistics(slices, on_streams)
+        # two passes from each slice's partial sums on its stream
+        count = _pixels(slices)
+        mean, centered, var = two_pass_statistics(slices, count, channel_sum=_channel_sum, each=on_streams)
         scale = weight * mx.rsqrt(var + eps)
         return mean, var * (count / (count - 1)), on_streams(lambda c: c * scale + bias, centered)
 
@@ -250,10 +253,17 @@ def _batch_norm_train(eps: float, streams: tuple):
     return batch_norm
 
 
-class Backend:
-    name = NAME
+class Backend(AbstractBackend):
+    """MLX arrays, NHWC inside. ``cpu_streams``: CPU streams a batch is split across (default: one per
+    core). For gradients (``for_gradients``): ``strided_convs_to_depth`` and ``shifted_gemm_min_pixels``
+    (see their constants below). ``group``/``sync_bn``: one replica of a data-parallel group."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, cpu_streams: int | None = None):
+    name = NAME
+    autodiff = True
+
+    def __init__(self, device: str | None = None, dtype: str | None = None, cpu_streams: int | None = None, *,
+                 strided_convs_to_depth: bool = False, shifted_gemm_min_pixels: int | None = None,
+                 group: ProcessGroup | None = None, sync_bn: bool = False):
         if device is None:  # float64 exists on the CPU only: a float64 request defaults there (Apple: GPU otherwise)
             self._device = mx.cpu if dtype == "float64" else mx.default_device()
         elif device in ("cpu", "gpu"):
@@ -274,24 +284,28 @@ class Backend:
         # memory-bound. One stream per core, each taking a slice of the batch (with one BLAS
         # thread each), keeps every core busy: ResNet-50 batch 16 goes 15 -> 21 images/s.
         if cpu_streams is None:
-            cpu_streams = _cpu_cores() if self.device == "cpu" else 1
+            cpu_streams = cpu_cores() if self.device == "cpu" else 1
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self.cpu_streams = cpu_streams  # streams the batch is split across
-        self._strided_convs_to_depth = False  # see for_gradients
-        self._shifted_gemm_min_pixels = self.SHIFTED_GEMM_MIN_PIXELS  # see for_gradients
-        self._per_thread = threading.local()  # MLX binds a stream to the thread that made it
-        self.threads = (f"{cpu_streams} CPU streams, {max(1, _cpu_cores() // cpu_streams)} BLAS threads each "
+        self.strided_convs_to_depth = strided_convs_to_depth  # on CPU: see _space_to_depth_conv
+        self.shifted_gemm_min_pixels = self.SHIFTED_GEMM_MIN_PIXELS if shifted_gemm_min_pixels is None \
+            else shifted_gemm_min_pixels
+        if sync_bn and group is None:
+            raise ValueError("sync_bn sums batch statistics over a data-parallel group: pass group")
+        self.group, self.sync_bn = group, sync_bn
+        self.threads = (f"{cpu_streams} CPU streams, {max(1, cpu_cores() // cpu_streams)} BLAS threads each "
                         "(all cores for one stream at batch 1)") if self.device == "cpu" else "device"
 
+    def options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "cpu_streams": self.cpu_streams,
+                "strided_convs_to_depth": self.strided_convs_to_depth,
+                "shifted_gemm_min_pixels": self.shifted_gemm_min_pixels, "group": self.group, "sync_bn": self.sync_bn}
+
     def _streams(self) -> list:
-        """This thread's CPU streams. MLX raises "There is no Stream(cpu, 1) in current thread" for a
-        stream made in another thread, so each thread that runs the model gets its own: a model built
-        in one thread can be called from any other, concurrently too (the compiled traces are shared)."""
-        streams = getattr(self._per_thread, "streams", None)
-        if streams is None:
-            streams = self._per_thread.streams = [mx.new_stream(self._device) for _ in range(self.cpu_streams)]
-        return streams
+        """This thread's CPU streams: each thread that runs the model gets its own, so a model built in one
+        thread can be called from any other, concurrently too (the compiled traces are shared)."""
+        return _thread_streams(self._device, self.cpu_streams)
 
     # -- arrays and parameters --
 
@@ -317,7 +331,7 @@ class Backend:
 
     def compile(self, forward):
         compiled = [mx.compile(forward) for _ in range(self.cpu_streams)]  # traced separately per stream
-        cores = _cpu_cores()
+        cores = cpu_cores()
 
         def run(params, x):
             streams = self._streams()
@@ -354,12 +368,12 @@ class Backend:
             return self._pointwise_conv(x, weight, bias, stride)
         # MLX's own conv computes float64 in float32 (1.5e-7 off on CPU): float64 runs GEMMs only
         exact = self.dtype == "float64"
-        if self.device == "cpu" and groups == 1 and stride > 1 and self._strided_convs_to_depth:
+        if self.device == "cpu" and groups == 1 and stride > 1 and self.strided_convs_to_depth:
             return self._space_to_depth_conv(x, weight, bias, stride, padding)
         if self.device == "cpu" and (groups > 1 or (stride > 1 and exact)):
             return self._channel_major_conv(x, weight, bias, stride, padding, groups)
         if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
-                and (x.shape[1] * x.shape[2] >= self._shifted_gemm_min_pixels or exact):
+                and (x.shape[1] * x.shape[2] >= self.shifted_gemm_min_pixels or exact):
             return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
         return y if bias is None else y + bias
@@ -375,10 +389,8 @@ class Backend:
         ones over the space-to-depth input (grouped ones channel-major). MLX's own strided conv is faster
         forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower on CPU
         (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
-        variant = copy.copy(self)
-        variant._strided_convs_to_depth = self.device == "cpu"
-        variant._shifted_gemm_min_pixels = self.TRAINING_SHIFTED_GEMM_MIN_PIXELS
-        return variant
+        return self.variant(strided_convs_to_depth=self.device == "cpu",
+                            shifted_gemm_min_pixels=self.TRAINING_SHIFTED_GEMM_MIN_PIXELS)
 
     # MLX's CPU conv is im2col + one GEMM; at large feature maps the im2col copy costs more
     # than the GEMM (ResNet-50 3x3 at 56x56: 78 ms of copy vs 22 ms of GEMM), so there
@@ -458,10 +470,8 @@ class Backend:
 
     # -- training --
 
-    _global_sum = None  # data parallel with --sync-bn: sums over every rank (ProcessGroup.all_sum)
-
     def batch_norm_train(self, x, weight, bias, eps):
-        if self._global_sum is not None:
+        if self.sync_bn:
             return self._synchronized_batch_norm(x, weight, bias, eps)
         if isinstance(x, _Slices):  # the split-batch training view: one slice per stream
             mean, var, ys = _batch_norm_train(eps, tuple(self._streams()[:len(x)]))(weight, bias, list(x))
@@ -470,25 +480,13 @@ class Backend:
         return y, mean, var
 
     def _synchronized_batch_norm(self, x, weight, bias, eps):
-        # the global batch's statistics, by autodiff: every rank holds an equal share, so the global
-        # count is the local one times the ranks. ``x`` may be a split batch (_Slices, one per stream).
-        slices = list(x) if isinstance(x, _Slices) else [x]
-        on_streams = functools.partial(_on_streams, self._streams() if isinstance(x, _Slices)
-                                       else [mx.default_stream(self._device)])
-        count, mean, centered, var = _batch_statistics(slices, on_streams, self._global_sum, self._ranks)
-        scale = weight * mx.rsqrt(var + eps)
-        ys = on_streams(lambda c: c * scale + bias, centered)
-        y = _Slices(ys) if isinstance(x, _Slices) else ys[0]
-        return y, mean, var * (count / (count - 1))
-
-    def data_parallel(self, group: ProcessGroup, *, sync_bn: bool = False) -> Backend:
-        """This backend as one replica of ``group``: ``all_reduce_mean`` for the train step (MLX's
-        ``nn.average_gradients``), and with ``sync_bn`` batch statistics summed over every rank."""
-        variant = copy.copy(self)
-        variant.all_reduce_mean = group.all_reduce_mean
-        variant._global_sum = group.all_sum if sync_bn else None
-        variant._ranks = group.size
-        return variant
+        # the global batch's statistics, by autodiff. ``x`` may be a split batch (_Slices, one per stream).
+        split = isinstance(x, _Slices)
+        slices = list(x) if split else [x]
+        on_streams = functools.partial(_on_streams, self._streams() if split else [mx.default_stream(self._device)])
+        ys, mean, var = self.synchronized_batch_norm(slices, _pixels(slices), weight, bias, eps,
+                                                     channel_sum=_channel_sum, rsqrt=mx.rsqrt, each=on_streams)
+        return (_Slices(ys) if split else ys[0]), mean, var
 
     def cross_entropy(self, logits, targets):
         if logits.dtype == mx.float64:  # MLX's float64 exp (and logsumexp) is float32-accurate; power is exact
@@ -503,7 +501,7 @@ class Backend:
         """``step`` on one stream (the whole batch: BN statistics), every core for BLAS. Not under
         mx.compile: on CPU it traced resnet20's step for 25 s and then ran it slower (2.9 vs 2.5 s at
         batch 128), since the step is dominated by GEMMs and reductions that compile does not fuse."""
-        cores = _cpu_cores()
+        cores = cpu_cores()
 
         def run(state, images, targets, lr, count):
             if self.device == "cpu":
@@ -578,7 +576,7 @@ class _Slices(tuple):
     """One activation of the split-batch training view: slices of the batch, one per CPU stream."""
 
 
-class _BatchSplit:
+class _BatchSplit(Forwarding):
     """The MLX CPU backend as training runs it (``Backend.for_training``): the batch split across
     the CPU streams.
 
@@ -592,13 +590,14 @@ class _BatchSplit:
 
     def __init__(self, backend: Backend):
         self._backend = backend  # the differentiated variant (Backend.for_gradients) each slice runs on
-        self.dtype = backend.dtype
+        self.name, self.device, self.dtype, self.threads = backend.name, backend.device, backend.dtype, backend.threads
+        self.autodiff, self.group, self.sync_bn = backend.autodiff, backend.group, backend.sync_bn
 
     def _split(self, x) -> _Slices:
         if isinstance(x, _Slices):
             return x
         parts = min(self._backend.cpu_streams, x.shape[0])
-        _set_blas_threads(max(1, _cpu_cores() // parts))  # the slices' GEMMs run side by side
+        _set_blas_threads(max(1, cpu_cores() // parts))  # the slices' GEMMs run side by side
         return _Slices(mx.split(x, [x.shape[0] * i // parts for i in range(1, parts)], axis=0))
 
     def _each(self, primitive: str, x, *args, other=None):
@@ -607,32 +606,8 @@ class _BatchSplit:
         function = getattr(self._backend, primitive)
         return _Slices(_on_streams(self._backend._streams(), lambda *parts: function(*parts, *args), *activations))
 
-    def conv2d(self, x, weight, bias, stride, padding, groups):
-        return self._each("conv2d", x, weight, bias, stride, padding, groups)
-
-    def batch_norm(self, x, weight, bias, mean, var, eps):
-        return self._each("batch_norm", x, weight, bias, mean, var, eps)
-
-    def channel_affine(self, x, scale, shift):
-        return self._each("channel_affine", x, scale, shift)
-
-    def relu(self, x):
-        return self._each("relu", x)
-
-    def max_pool(self, x, kernel_size, stride, padding):
-        return self._each("max_pool", x, kernel_size, stride, padding)
-
-    def zero_pad(self, x, padding):
-        return self._each("zero_pad", x, padding)
-
-    def avg_pool(self, x, kernel_size, stride):
-        return self._each("avg_pool", x, kernel_size, stride)
-
-    def subsample(self, x, stride):
-        return self._each("subsample", x, stride)
-
-    def pad_channels(self, x, before, after):
-        return self._each("pad_channels", x, before, after)
+    def call_primitive(self, primitive: str, x, *args):
+        return self._each(primitive, x, *args)
 
     def add(self, x, y):
         return self._each("add", x, other=y)
@@ -650,7 +625,7 @@ class _BatchSplit:
         return self._backend.cross_entropy(logits, targets)
 
 
-# -- data parallel: this process as one rank of a group (portres.training.distributed) ----------------
+# -- data parallel: this process as one rank of a group (portres.training.replicas) -------------------
 
 
 class ProcessGroup:
@@ -721,3 +696,33 @@ class ProcessGroup:
 
     def close(self) -> None:
         pass  # MLX has no call to leave a group; the sockets close with the process
+
+    # -- starting ranks on this machine (portres train --processes N: portres.training.launch) --
+
+    SHARES_PORTS = True  # the ring binds its port with SO_REUSEPORT: the launcher's hold on it must allow that
+
+    @staticmethod
+    def ports_needed(processes: int) -> int:
+        """Loopback ports ``processes`` local ranks listen on: one each (the ring)."""
+        return processes
+
+    @staticmethod
+    def serve_rendezvous(held: list, processes: int) -> None:
+        """Nothing to serve: ring ranks find each other through the hostfile."""
+        return None
+
+    @staticmethod
+    def launch_environments(processes: int, ports: list[int], workdir, threads: int, host: str) -> list[dict]:
+        """What ``mlx.launch`` (ring) sets for each of ``processes`` ranks on ``host``: a hostfile of their
+        addresses (written to ``workdir``) and MLX_RANK. ``threads`` is unused: each rank's BLAS takes the
+        cores the launcher gives it.
+
+            >>> ProcessGroup.launch_environments(2, [4001, 4002], Path("/tmp"), 1, "127.0.0.1")[1]
+            {'MLX_HOSTFILE': '/tmp/hostfile.json', 'MLX_RANK': '1'}
+        """
+        import json
+        from pathlib import Path
+
+        hostfile = Path(workdir) / "hostfile.json"  # the ring backend's format: one list of addresses per rank
+        hostfile.write_text(json.dumps([[f"{host}:{port}"] for port in ports]))
+        return [{"MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)} for rank in range(processes)]

@@ -11,6 +11,8 @@ import platform
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..losses import softmax_cross_entropy
+from .base import AbstractBackend
 from .numpy_backward import Backward
 
 NAME = "numpy"
@@ -33,8 +35,11 @@ def info() -> dict:
             "machine": platform.machine()}
 
 
-class Backend(Backward):
+class Backend(AbstractBackend, Backward):
+    """The float64 reference; differentiated by portres's hand-written backward (``Backward``), not autodiff."""
+
     name = NAME
+    autodiff = False
 
     def __init__(self, device: str | None = None, dtype: str | None = None):
         if device not in (None, "cpu"):
@@ -59,15 +64,6 @@ class Backend(Backward):
 
     def compile(self, forward):
         return forward
-
-    def realize(self, x):
-        return x
-
-    def synchronize(self) -> None:
-        pass
-
-    def memory(self) -> dict:
-        return {}
 
     # -- primitives (NCHW) --
 
@@ -100,9 +96,7 @@ class Backend(Backward):
 
     def cross_entropy(self, logits, targets):
         """Mean cross-entropy of ``logits`` against soft ``targets`` (rows summing to 1)."""
-        shifted = logits - logits.max(1, keepdims=True)
-        log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-        return -(targets * log_probabilities).sum(1).mean()
+        return softmax_cross_entropy(logits, targets)
 
     def batch_norm(self, x, weight, bias, mean, var, eps):
         per_channel = lambda v: v[:, None, None]  # noqa: E731

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..losses import softmax_cross_entropy_grad
+
 
 def _window_slice(start: int, stride: int, count: int) -> slice:
     """The input positions tap ``start`` of a strided window reads, for ``count`` outputs."""
@@ -109,6 +111,4 @@ class Backward:
 
     def cross_entropy_backward(self, logits, targets):
         """Gradient of the mean cross-entropy w.r.t. the logits: (softmax - targets) / batch."""
-        shifted = logits - logits.max(1, keepdims=True)
-        probabilities = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
-        return (probabilities - targets) / logits.shape[0]
+        return softmax_cross_entropy_grad(logits, targets)

@@ -23,6 +23,8 @@ except ImportError as error:  # pragma: no cover - guarded by backends.unavailab
 
 from portres.interop.onnx import OnnxGraphBuilder, Value
 
+from .base import Forwarding
+
 NAME = "onnxruntime"
 FOLD_BATCH_NORM = True
 DTYPES = ("float32", "float16")  # float16: onnxruntime's CPU kernels where it has them, casts elsewhere
@@ -40,7 +42,11 @@ def info() -> dict:
             "blas": "MLAS (onnxruntime's own kernels)"}
 
 
-class Backend:
+class Backend(Forwarding):
+    """One onnxruntime session per traced forward pass; every primitive goes through ``call_primitive``
+    (a graph node while tracing, a one-node session on NumPy arrays). ``nan_exact``: max pools spelled
+    so that NaN and -inf propagate (see ``for_nonfinite_input``)."""
+
     name = NAME
 
     def __init__(self, device: str | None = None, dtype: str | None = None, intra_op_threads: int = 0,
@@ -60,9 +66,9 @@ class Backend:
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads  # 0: onnxruntime's default, one per physical core
         self._op_sessions: dict = {}  # (primitive, argument pattern) -> one-node session
-        self.nan_exact = nan_exact  # max pools spelled so that NaN and -inf propagate (see for_nonfinite_input)
-        self._intra_op_threads = intra_op_threads  # for the exact variant
-        self._exact: Backend | None = None  # that variant, made when first asked for
+        self.nan_exact = nan_exact
+        self.intra_op_threads = intra_op_threads
+        self._exact: Backend | None = None  # the nan_exact variant, made when first asked for
         self.threads = f"{intra_op_threads} intra-op threads" if intra_op_threads else \
             "onnxruntime default intra-op threads (one per physical core)"
 
@@ -77,6 +83,10 @@ class Backend:
     def load_params(self, plan, params: dict) -> dict:
         return {name: np.ascontiguousarray(value, dtype=self._np_dtype) for name, value in params.items()}
 
+    def options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "intra_op_threads": self.intra_op_threads,
+                "nan_exact": self.nan_exact}
+
     def for_nonfinite_input(self) -> Backend:
         """The variant that inputs holding NaN/inf run on (``portres.Model`` picks it): onnxruntime's
         MaxPool skips NaN and turns an all ``-inf`` window into the lowest finite float, so there max
@@ -84,7 +94,7 @@ class Backend:
         if self.nan_exact:
             return self
         if self._exact is None:
-            self._exact = Backend(self.device, self.dtype, self._intra_op_threads, nan_exact=True)
+            self._exact = self.variant(nan_exact=True)
         return self._exact
 
     def session(self, model) -> ort.InferenceSession:
@@ -111,18 +121,9 @@ class Backend:
 
         return run
 
-    def realize(self, x):
-        return x
-
-    def synchronize(self) -> None:
-        pass  # session.run returns finished NumPy arrays
-
-    def memory(self) -> dict:
-        return {}
-
     # -- primitives (NCHW): graph nodes while tracing, one-node sessions on NumPy arrays --
 
-    def _apply(self, primitive: str, *args):
+    def call_primitive(self, primitive: str, *args):
         if any(isinstance(a, Value) for a in args):
             graph = next(a.graph for a in args if isinstance(a, Value))
             return getattr(graph, primitive)(*args)
@@ -137,39 +138,3 @@ class Backend:
         feeds = {f"a{i}": np.ascontiguousarray(a, dtype=self._np_dtype) for i, a in enumerate(args)
                  if isinstance(a, np.ndarray)}
         return self._op_sessions[key].run(None, feeds)[0]
-
-    def conv2d(self, x, weight, bias, stride, padding, groups):
-        return self._apply("conv2d", x, weight, bias, stride, padding, groups)
-
-    def batch_norm(self, x, weight, bias, mean, var, eps):
-        return self._apply("batch_norm", x, weight, bias, mean, var, eps)
-
-    def channel_affine(self, x, scale, shift):
-        return self._apply("channel_affine", x, scale, shift)
-
-    def relu(self, x):
-        return self._apply("relu", x)
-
-    def max_pool(self, x, kernel_size, stride, padding):
-        return self._apply("max_pool", x, kernel_size, stride, padding)
-
-    def avg_pool(self, x, kernel_size, stride):
-        return self._apply("avg_pool", x, kernel_size, stride)
-
-    def subsample(self, x, stride):
-        return self._apply("subsample", x, stride)
-
-    def pad_channels(self, x, before, after):
-        return self._apply("pad_channels", x, before, after)
-
-    def zero_pad(self, x, padding):
-        return self._apply("zero_pad", x, padding)
-
-    def add(self, x, y):
-        return self._apply("add", x, y)
-
-    def global_avg_pool(self, x):
-        return self._apply("global_avg_pool", x)
-
-    def linear(self, x, weight, bias):
-        return self._apply("linear", x, weight, bias)

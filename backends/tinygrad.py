@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -13,10 +12,12 @@ import threading
 import numpy as np
 
 from ._space_to_depth import space_to_depth
+from .base import AbstractBackend
 
 try:
     from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
+    from tinygrad.helpers import BEAM
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
 
@@ -79,11 +80,16 @@ def _dtype_problem(device: str, dtype: str) -> str | None:
 LOCK = threading.RLock()
 
 
-class Backend:
+class Backend(AbstractBackend):
+    """tinygrad Tensors (NCHW). ``winograd``: 3x3 stride-1 convs by Winograd (default: not in float16 or
+    bfloat16); ``strided_convs_to_depth``: strided convs over the space-to-depth input (for gradients)."""
+
     name = NAME
+    autodiff = True
     lock = LOCK
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool | None = None):
+    def __init__(self, device: str | None = None, dtype: str | None = None, winograd: bool | None = None, *,
+                 strided_convs_to_depth: bool = False):
         self.device = _open_device(device)
         # tinygrad 0.14's CPU runtime runs its kernels one after another on one worker thread, however
         # many cores there are (a train step's process CPU time equals its wall time)
@@ -96,6 +102,7 @@ class Backend:
         # times the precision (resnet20 in float16: a conv alone off by 4e-3 instead of 2e-4, a stage by 4.9e-3
         # instead of 4.6e-4 - as far off as a primitive off by 1%)
         self.winograd = self.dtype not in ("float16", "bfloat16") if winograd is None else winograd
+        self.strided_convs_to_depth = strided_convs_to_depth  # see _space_to_depth_conv
         self._host_dtype = np.float64 if self.dtype == "float64" else np.float32  # NumPy side of transfers
         if self._dtype not in Device[self.device].renderer.supported_dtypes():
             raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
@@ -104,6 +111,16 @@ class Backend:
             if self.dtype == "bfloat16":
                 hint = "; on CPU, bfloat16 needs a clang whose x86 target has __bf16 (clang 14 lacks it)"
             raise ValueError(f"{problem}; use float32 or float16{hint}")
+
+    def options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "winograd": self.winograd,
+                "strided_convs_to_depth": self.strided_convs_to_depth}
+
+    def search_kernels(self, beam: int) -> None:
+        """tinygrad's BEAM search, ``beam`` wide, for the kernels compiled from now on in this process
+        (its results are cached on disk); 0: off. As the environment variable BEAM, which tinygrad reads
+        when it is imported."""
+        BEAM.value = beam
 
     # -- arrays and parameters --
 
@@ -151,14 +168,12 @@ class Backend:
         if stride > 1 and kernel == 1 and padding == 0:
             # subsample first (one cheap copy): the strided 1x1 read its input at 12 GFLOP/s
             x, stride = x[:, :, ::stride, ::stride].contiguous(), 1
-        if stride > 1 and groups == 1 and self._strided_convs_to_depth:
+        if stride > 1 and groups == 1 and self.strided_convs_to_depth:
             return self._space_to_depth_conv(x, weight, bias, stride, padding)
         # Winograd F(4x4, 3x3) for stride-1 3x3 convs: ~4x fewer multiplies; on CPU ResNet-18
         # goes 3.8 -> 9.3 images/s, ResNet-50 1.8 -> 2.6, parity unchanged (1e-6)
         with Context(WINO=int(self.winograd)):
             return x.conv2d(weight, bias, groups=groups, stride=stride, padding=padding)
-
-    _strided_convs_to_depth = False  # see for_gradients
 
     def _space_to_depth_conv(self, x, weight, bias, stride, padding):
         # strided convs as stride-1 convs over the space-to-depth input (backends/_space_to_depth.py):
@@ -225,8 +240,10 @@ class Backend:
         return Tensor(value, dtype=self._dtype, device=self.device).clone().realize()
 
     def data_parallel(self, devices: tuple[str, ...], *, sync_bn: bool = False) -> ReplicatedBackend:
-        """This backend replicated over ``devices`` in one process (see :class:`ReplicatedBackend`)."""
-        return ReplicatedBackend(devices, dtype=self.dtype, winograd=self.winograd, sync_bn=sync_bn)
+        """This backend replicated over ``devices`` in one process (see :class:`ReplicatedBackend`): tinygrad's
+        replicas are devices, not processes."""
+        return ReplicatedBackend(devices, dtype=self.dtype, winograd=self.winograd, sync_bn=sync_bn,
+                                 strided_convs_to_depth=self.strided_convs_to_depth)
 
     def value_and_grad(self, loss_fn):
         """``loss_fn(trainable) -> (loss, aux)`` -> ``f(trainable) -> (loss, aux, grads)`` by tinygrad's autograd.
@@ -257,18 +274,12 @@ class Backend:
         """This backend as training differentiates it: without Winograd, whose transforms' gradients
         add kernels (resnet20's step: 715 -> 494 kernels; first call 241 -> 165 s, steps no slower), and
         strided convs over the space-to-depth input (see _space_to_depth_conv)."""
-        variant = copy.copy(self.for_nonfinite_input())
-        variant._strided_convs_to_depth = True
-        return variant
+        return self.variant(winograd=False, strided_convs_to_depth=True)
 
     def for_nonfinite_input(self) -> Backend:
         """This backend without Winograd: its 6x6 input tiles spread one NaN/inf over a 4x4 output tile,
         so the reference's NaN/inf pattern is only matched by direct convs (``Model`` switches per call)."""
-        if not self.winograd:
-            return self
-        exact = copy.copy(self)
-        exact.winograd = False
-        return exact
+        return self.variant(winograd=False) if self.winograd else self
 
     def zero_pad(self, x, padding):
         return x.pad((None, None, (padding, padding), (padding, padding)))
@@ -306,14 +317,19 @@ class ReplicatedBackend(Backend):
     """
 
     def __init__(self, devices: tuple[str, ...], dtype: str | None = None, winograd: bool | None = None,
-                 sync_bn: bool = False):
-        super().__init__(devices[0], dtype, winograd)
+                 sync_bn: bool = False, *, strided_convs_to_depth: bool = False):
+        super().__init__(devices[0], dtype, winograd, strided_convs_to_depth=strided_convs_to_depth)
+        self.requested_devices = tuple(devices)  # as given (reports), for variants
         self.devices = tuple(_open_device(device) for device in devices)
         if len(set(self.devices)) != len(self.devices):
             raise ValueError(f"tinygrad devices {', '.join(devices)} name one device twice (tinygrad calls them "
                              f"{', '.join(self.devices)}): give each replica its own device")
         self.device = ",".join(devices)  # for reports; tinygrad calls below use self.devices
-        self.sync_bn = sync_bn
+        self.sync_bn = sync_bn  # sums over tinygrad's devices, not a process group's ranks
+
+    def options(self) -> dict:
+        return {"devices": self.requested_devices, "dtype": self.dtype, "winograd": self.winograd,
+                "sync_bn": self.sync_bn, "strided_convs_to_depth": self.strided_convs_to_depth}
 
     def from_numpy(self, x: np.ndarray) -> Tensor:
         """A batch sharded along its first axis when it divides among the devices, else replicated (an
@@ -340,8 +356,8 @@ class ReplicatedBackend(Backend):
         return {"device_memory_in_use_bytes": sum(GlobalCounters.mem_used_per_device.get(device, 0)
                                                   for device in self.devices)}
 
-    def all_reduce_mean(self, tree: dict) -> dict:
-        return tree  # reduced already, by tinygrad's autograd through the sharded batch (see the class)
+    # all_reduce_mean stays the base's identity: the gradients are reduced already, by tinygrad's autograd
+    # through the sharded batch (see the class)
 
     def batch_norm_train(self, x, weight, bias, eps):
         replicas = len(self.devices)

@@ -7,7 +7,6 @@ which oneDNN convolves fastest (see BENCHMARKS.md).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import importlib.metadata
 import os
@@ -19,6 +18,8 @@ try:
     import torch.nn.functional as F
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the torch backend needs PyTorch: pip install 'portres[torch]' ({error})") from None
+
+from .base import AbstractBackend
 
 NAME = "torch"
 FOLD_BATCH_NORM = True
@@ -40,10 +41,15 @@ def info() -> dict:
             if "BLAS_INFO=" in torch.__config__.show() else "unknown"}
 
 
-class Backend:
-    name = NAME
+class Backend(AbstractBackend):
+    """``torch.nn.functional`` on logically NCHW tensors. ``group``/``sync_bn``: one replica of a
+    data-parallel group (see ``data_parallel``)."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, channels_last: bool = True):
+    name = NAME
+    autodiff = True
+
+    def __init__(self, device: str | None = None, dtype: str | None = None, channels_last: bool = True, *,
+                 group: ProcessGroup | None = None, sync_bn: bool = False):
         self.device = device or "cpu"
         if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ValueError(f"torch devices are cpu, cuda and mps, not {self.device!r}")
@@ -53,8 +59,16 @@ class Backend:
         if self.dtype not in DTYPES:
             raise ValueError(f"torch backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
         self._dtype = DTYPES[self.dtype]
+        self.channels_last = channels_last
         self._format = torch.channels_last if channels_last else torch.contiguous_format
         self.threads = f"{torch.get_num_threads()} intra-op threads" if self.device == "cpu" else "device"
+        if sync_bn and group is None:
+            raise ValueError("sync_bn sums batch statistics over a data-parallel group: pass group")
+        self.group, self.sync_bn = group, sync_bn
+
+    def options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "channels_last": self.channels_last,
+                "group": self.group, "sync_bn": self.sync_bn}
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
         host = np.float64 if self.dtype == "float64" else np.float32
@@ -76,9 +90,6 @@ class Backend:
             with torch.inference_mode():
                 return forward(params, x)
         return run
-
-    def realize(self, x):
-        return x
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
@@ -104,34 +115,16 @@ class Backend:
 
     # -- training --
 
-    _global_sum = None  # data parallel with --sync-bn: sums over every rank (ProcessGroup.all_sum)
-
     def batch_norm_train(self, x, weight, bias, eps):
-        if self._global_sum is not None:
-            return self._synchronized_batch_norm(x, weight, bias, eps)
         count = x.shape[0] * x.shape[2] * x.shape[3]
+        if self.sync_bn:  # the global batch's statistics, as torch's SyncBatchNorm (gradients all-reduced too)
+            (y,), mean, var = self.synchronized_batch_norm(
+                [x], count, weight, bias, eps, channel_sum=lambda a: a.sum(dim=(0, 2, 3)), rsqrt=torch.rsqrt,
+                per_channel=lambda v: v.view(1, -1, 1, 1))
+            return y, mean, var
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
         return y, mean, var * (count / (count - 1))
-
-    def _synchronized_batch_norm(self, x, weight, bias, eps):
-        # the global batch's statistics in two passes (mean, then the centred sum of squares), summed over
-        # the ranks by an all-reduce whose backward all-reduces the gradient (as torch's SyncBatchNorm)
-        count = x.shape[0] * x.shape[2] * x.shape[3] * self._ranks
-        mean = self._global_sum(x.sum(dim=(0, 2, 3))) / count
-        centered = x - mean.view(1, -1, 1, 1)
-        var = self._global_sum((centered * centered).sum(dim=(0, 2, 3))) / count
-        scale = weight * torch.rsqrt(var + eps)
-        return centered * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), mean, var * (count / (count - 1))
-
-    def data_parallel(self, group: ProcessGroup, *, sync_bn: bool = False) -> Backend:
-        """This backend as one replica of ``group``: ``all_reduce_mean`` for the train step (one flat
-        all-reduce, as DDP's buckets), and with ``sync_bn`` batch statistics summed over every rank."""
-        variant = copy.copy(self)
-        variant.all_reduce_mean = group.all_reduce_mean
-        variant._global_sum = group.all_sum if sync_bn else None
-        variant._ranks = group.size
-        return variant
 
     def cross_entropy(self, logits, targets):
         return F.cross_entropy(logits, targets)  # soft targets: -(targets * log_softmax).sum(1).mean()
@@ -175,7 +168,7 @@ class Backend:
         return F.linear(x, weight, bias)
 
 
-# -- data parallel: this process as one rank of a group (portres.training.distributed) ----------------
+# -- data parallel: this process as one rank of a group (portres.training.replicas) -------------------
 
 
 class ProcessGroup:
@@ -243,3 +236,57 @@ class ProcessGroup:
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.destroy_process_group()
+
+    # -- starting ranks on this machine (portres train --processes N: portres.training.launch) --
+
+    SHARES_PORTS = False  # the store listens on the launcher's held socket itself
+
+    @staticmethod
+    def ports_needed(processes: int) -> int:
+        """Loopback ports ``processes`` local ranks need: one, the rendezvous store's."""
+        return 1
+
+    @staticmethod
+    def serve_rendezvous(held: list, processes: int):
+        """torch.distributed's rendezvous store for local ranks, served by the launching process on the socket
+        it holds (``held.pop()``, bound to loopback; the store takes it). Left to torch, rank 0 would serve it
+        (env://) on every interface - TCPStore binds the wildcard address whatever MASTER_ADDR says - where any
+        host that reaches this one could join the group or write its keys. The ranks connect as clients, as
+        they do under torchrun's agent (TORCHELASTIC_USE_AGENT_STORE)."""
+        import torch.distributed as dist
+
+        listener = held.pop()
+        # the libuv store serves a given listening socket from torch 2.8 on; before, only the classic one does
+        classic = {"use_libuv": False} if torch.__version__ < (2, 8) else {}
+        try:
+            listener.listen()
+            host, port = listener.getsockname()[:2]
+            store = dist.TCPStore(host, port, processes, True, wait_for_workers=False,
+                                  master_listen_fd=listener.fileno(), **classic)
+        except BaseException:
+            listener.close()
+            raise
+        listener.detach()  # the store owns the descriptor now and closes it
+        return store
+
+    @staticmethod
+    def launch_environments(processes: int, ports: list[int], workdir, threads: int, host: str) -> list[dict]:
+        """What ``torchrun`` sets for each of ``processes`` ranks on ``host`` (MASTER_ADDR/PORT: the store on
+        ``ports[0]``, RANK, WORLD_SIZE, LOCAL_RANK), with ``threads`` OpenMP threads each.
+
+        Every rank listens on loopback only: ranks use the store :meth:`serve_rendezvous` serves
+        (TORCHELASTIC_USE_AGENT_STORE: no rank serves one), and gloo binds its pairs' sockets to the loopback
+        interface (GLOO_SOCKET_IFNAME; by default it takes the address the host name resolves to, often one
+        every host on the network can reach)."""
+        return [{"MASTER_ADDR": host, "MASTER_PORT": str(ports[0]), "RANK": str(rank), "WORLD_SIZE": str(processes),
+                 "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes), "OMP_NUM_THREADS": str(threads),
+                 "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
+                 "GLOO_SOCKET_IFNAME": loopback_interface()} for rank in range(processes)]
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name (Linux ``lo``, macOS ``lo0``), for gloo's GLOO_SOCKET_IFNAME."""
+    import socket
+
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), "lo")

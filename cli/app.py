@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from portres import zoo
+from portres.plan import make_plan
 from portres.spec import ResNetSpec, SpecError
 from portres.weights import WeightsError
 
@@ -127,7 +128,9 @@ def load_spec(name: str | None, spec_file: str | None, depth: int | None = None)
         if not path.is_file():
             raise FileNotFoundError(f"spec file {spec_file} does not exist")
         try:
-            return ResNetSpec.from_json(path.read_text(encoding="utf-8"))
+            spec = ResNetSpec.from_json(path.read_text(encoding="utf-8"))
+            make_plan(spec)  # what only the ops show (e.g. groups that do not divide a conv's input) fails here
+            return spec
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"spec file {spec_file} cannot be read: {error}") from None
         except SpecError as error:

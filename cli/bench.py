@@ -47,14 +47,14 @@ def bench(backend_names, depth, name, spec_file, device, batch, input_size, dtyp
     """
     from portres import backends as registry
     from portres import bench as runner
-    from portres.analysis import check_input_size, default_input_size
     from portres.plan import make_plan
+    from portres.zoo import default_input_size
 
     if depth is None and name is None and spec_file is None:
         depth = 50
     spec = load_spec(name, spec_file, depth)
     input_size = input_size or default_input_size(spec)
-    check_input_size(make_plan(spec), input_size)
+    make_plan(spec).check_input_size(input_size)
     if profile and train:
         raise click.UsageError("--profile times inference ops; leave it out with --train")
     counts = _process_counts(process_counts, train, backend_names)
@@ -112,7 +112,7 @@ def _process_counts(value: str | None, train: bool, backend_names: str) -> list[
         raise click.BadParameter(f"{value!r} is not a comma-separated list of process counts, e.g. 1,2") from None
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"{value!r}: process counts are positive integers, e.g. 1,2")
-    from portres.training.distributed import check_parallel_settings
+    from portres.training.replicas import check_parallel_settings
 
     if max(counts) > 1:
         for backend in backend_list(backend_names, include_numpy=True):

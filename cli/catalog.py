@@ -18,7 +18,7 @@ def list_presets(as_json):
     rows = []
     for name in zoo.names():
         entry = zoo.entry(name)
-        size = analysis.default_input_size(entry.spec)
+        size = entry.input_size
         s = analysis.summary(entry.spec, size)
         rows.append({"name": name, "family": entry.family, "params": s.params, "macs": s.macs,
                      "input_size": size, "description": entry.description})
@@ -39,7 +39,7 @@ def list_presets(as_json):
 def summary(name, spec_file, input_size, ops, as_json):
     """Parameters, buffers, MACs and output shapes of a network, per stage (or per op)."""
     spec = load_spec(name, spec_file)
-    s = analysis.summary(spec, input_size or analysis.default_input_size(spec))
+    s = analysis.summary(spec, input_size or zoo.default_input_size(spec))
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return

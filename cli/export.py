@@ -30,13 +30,12 @@ def export(name, spec_file, weights, file_format, output, no_fold, opset, input_
     onnx.checker.check_model(full_check=True) before it is written (atomically).
     Needs `pip install 'portres[onnx]'`.
     """
-    from portres.analysis import check_input_size
     from portres.interop.onnx import describe, export_onnx
     from portres.plan import make_plan
 
     spec = load_spec(name, spec_file)
     if input_size is not None:
-        check_input_size(make_plan(spec), input_size)
+        make_plan(spec).check_input_size(input_size)
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file {weights} does not exist")
     path = output or f"{spec.name}.onnx"

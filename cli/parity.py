@@ -36,7 +36,7 @@ def parity(name, depth, spec_file, backend_names, input_size, batch, dtype, grad
     from portres import parity as checker
 
     spec = load_spec(name, spec_file, depth)
-    size = input_size or checker.default_input_size(spec)
+    size = input_size or checker.parity_input_size(spec)
     names = backend_list(backend_names, include_numpy=False)
     if backend_names not in (None, "all"):  # asked for by name: it must be able to run
         for backend in names:

@@ -82,9 +82,10 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
     One run at a time writes OUT; a non-empty OUT needs --resume (continue) or --overwrite (replace).
     """
     from portres import backends as registry
-    from portres.training import distributed as parallel
-    from portres.training.loop import TrainConfig
+    from portres.training.config import TrainConfig
+    from portres.training.launch import local_training
     from portres.training.loop import train as run
+    from portres.training.replicas import AlreadyReported, check_batch, check_parallel_settings
 
     spec = load_spec(name, spec_file, depth)
     if reason := registry.unavailable_reason(backend, device):
@@ -92,8 +93,8 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
     device_list = None if devices is None else tuple(part.strip() for part in devices.split(","))
     if port is not None and processes is None:
         raise click.UsageError("--port chooses the loopback ports of --processes N: add --processes")
-    parallel.check_parallel_settings(backend, distributed=distributed, processes=processes, devices=device_list,
-                                     device=device, sync_bn=sync_bn)
+    check_parallel_settings(backend, distributed=distributed, processes=processes, devices=device_list,
+                            device=device, sync_bn=sync_bn)
     from_preset = spec_file is None
     config = TrainConfig(
         out=out, arch=spec.name if from_preset else None, spec=None if from_preset else spec.to_dict(), data=data,
@@ -108,10 +109,10 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
     if processes is not None and processes > 1:
         config = config.resolved()  # bad settings fail here, once, not in every rank
-        parallel.check_batch(config.batch_size, processes, sync_bn)
+        check_batch(config.batch_size, processes, sync_bn)
         try:
-            summary = parallel.local_training(config, processes, resume=resume, port=port)
-        except parallel.AlreadyReported:
+            summary = local_training(config, processes, resume=resume, port=port)
+        except AlreadyReported:
             sys.exit(2)  # rank 0 printed its one-line error above
     else:
         summary = run(config, resume=resume)
@@ -128,11 +129,11 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 def rank(config_file):
     """One rank of `portres train --processes N`, which starts it with the launcher's environment."""
-    from portres.training.distributed import config_from_json
+    from portres.training.config import TrainConfig
     from portres.training.loop import train as run
 
     payload = json.loads(open(config_file).read())
-    run(config_from_json(payload["config"]), resume=payload["resume"])
+    run(TrainConfig.from_dict(payload["config"]), resume=payload["resume"])
 
 
 @main.command("eval")

@@ -1,4 +1,5 @@
-"""Parameter, buffer and MAC counts and output shapes, read off the plan.
+"""Parameter, buffer and MAC counts, output shapes and memory, read off the plan; which preset a set
+of parameter shapes was made for.
 
     >>> import portres
     >>> s = portres.summary(portres.get("resnet50"), input_size=224)
@@ -8,12 +9,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from .plan import INPUT, Plan, as_plan
+from . import zoo
+from .plan import INPUT, Plan, as_plan, image_side
 from .spec import ResNetSpec
+from .tensorfiles import is_training_state
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,12 @@ class Summary:
     buffers: int  # BN running statistics (mean and variance entries)
     macs: int  # multiply-accumulates per image
     rows: tuple[OpRow, ...]  # one per op, in plan order
+    parts: tuple[str, ...] = field(repr=False)  # per row: "stem", its stage ("layer2") or "head"
 
     def stages(self) -> list[dict]:
         """Rows grouped by stem / layerN / head: name, output shape, params, MACs."""
         groups: dict[str, dict] = {}
-        for row in self.rows:
-            group = row.name.split(".")[0]
-            group = group if group.startswith("layer") else ("head" if row.op in ("linear", "global_avg_pool")
-                                                             or row.name.startswith("final_") else "stem")
+        for row, group in zip(self.rows, self.parts):
             entry = groups.setdefault(group, {"stage": group, "output_shape": row.output_shape,
                                               "params": 0, "macs": 0})
             entry["output_shape"] = row.output_shape
@@ -55,41 +58,20 @@ class Summary:
                 "ops": [dict(row.__dict__, output_shape=list(row.output_shape)) for row in self.rows]}
 
 
-def _hw(input_size) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    height, width = input_size
-    return (int(height), int(width))
-
-
 def infer_shapes(plan: Plan, input_size) -> dict[str, tuple[int, ...]]:
-    """Per-sample shape of every value for an input of ``input_size`` (int or (H, W))."""
-    check_input_size(plan, input_size)
-    height, width = _hw(input_size)
-    shapes = {INPUT: (plan.spec.in_channels, height, width)}
-    for op in plan.ops:
-        shapes[op.output] = op.layer.output_shape(*(shapes[name] for name in op.inputs))
-    return shapes
+    """Per-sample shape of every value for an input of ``input_size`` (int or (H, W)): ``plan.shapes``."""
+    return plan.shapes(input_size)
 
 
 def check_input_size(plan: Plan, input_size) -> None:
-    """Raise ``ValueError`` when a side is below the network's total stride.
-
-    Smaller inputs still compute, but the last stages would see nothing but padding.
-    """
-    height, width = _hw(input_size)
-    need = plan.total_stride
-    if height < need or width < need:
-        raise ValueError(
-            f"input {height}x{width} is too small for {plan.spec.name}: its strides downsample by {need}, "
-            f"so each side must be at least {need} pixels"
-        )
+    """Raise ``ValueError`` when a side is below the network's total stride: ``plan.check_input_size``."""
+    plan.check_input_size(input_size)
 
 
 def summary(spec: ResNetSpec | Plan, input_size=224) -> Summary:
     """Counts for ``spec`` at ``input_size`` (int or (H, W)); see the module docstring."""
     plan = as_plan(spec)
-    shapes = infer_shapes(plan, input_size)
+    shapes = plan.shapes(input_size)
     rows = []
     for op in plan.ops:
         params = buffers = 0
@@ -100,13 +82,8 @@ def summary(spec: ResNetSpec | Plan, input_size=224) -> Summary:
                 buffers += math.prod(shape)
         macs = op.layer.macs(*(shapes[name] for name in op.inputs))
         rows.append(OpRow(op.name, op.kind, shapes[op.output], params, buffers, macs))
-    return Summary(plan.spec.name, _hw(input_size), sum(r.params for r in rows), sum(r.buffers for r in rows),
-                   sum(r.macs for r in rows), tuple(rows))
-
-
-def default_input_size(spec: ResNetSpec) -> int:
-    """The input side a network is usually run at: 32 for CIFAR stems, 224 otherwise."""
-    return 32 if spec.stem.kind == "cifar" else 224
+    return Summary(plan.spec.name, image_side(input_size), sum(r.params for r in rows), sum(r.buffers for r in rows),
+                   sum(r.macs for r in rows), tuple(rows), tuple(plan.parts[op.name] for op in plan.ops))
 
 
 def activation_bytes(spec: ResNetSpec | Plan, input_size, batch: int, itemsize: int = 8) -> int:
@@ -117,7 +94,7 @@ def activation_bytes(spec: ResNetSpec | Plan, input_size, batch: int, itemsize: 
         True
     """
     plan = as_plan(spec)
-    shapes = infer_shapes(plan, input_size)
+    shapes = plan.shapes(input_size)
     widest = 0
     for op in plan.ops:
         inputs = sum(math.prod(shapes[name]) for name in op.inputs)
@@ -142,3 +119,31 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _parameter_signature(spec: ResNetSpec) -> frozenset[tuple[str, tuple[int, ...]]]:
+    return frozenset((name, tuple(shape)) for name, (shape, _) in as_plan(spec).param_shapes().items())
+
+
+def nearest_presets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], int, int]:
+    """The zoo presets whose parameters best match ``shapes`` (name -> shape) by name and shape.
+
+    Returns the presets tied for the best match (several when architectures share every shape,
+    e.g. ``resnet50`` and ``resnet50_v1``), how many tensors of ``shapes`` they match and how
+    many tensors they have; training state (``num_batches_tracked``, optimiser slots) is ignored.
+
+        >>> nearest_presets({k: v.shape for k, v in portres.init_params(portres.get("resnet101")).items()})
+        (['resnet101', 'resnet101_v1'], 522, 522)
+    """
+    given = {(name, tuple(shape)) for name, shape in shapes.items() if not is_training_state(name)}
+    best, best_score, matched, total = [], -1.0, 0, 0
+    for name in zoo.names():
+        signature = _parameter_signature(zoo.get(name))
+        common = len(given & signature)
+        score = common / max(1, len(given | signature))  # Jaccard: penalises extra and missing tensors alike
+        if score > best_score:
+            best, best_score, matched, total = [name], score, common, len(signature)
+        elif score == best_score:
+            best.append(name)
+    return best, matched, total

@@ -30,6 +30,8 @@ import traceback
 
 import numpy as np
 
+from .backends.base import Forwarding
+
 GPU_DEVICES = ("gpu", "cuda", "metal", "mps", "cl", "amd", "nv")
 
 
@@ -121,23 +123,23 @@ def profile_ops(model, x_on_device, batch: int, input_size: int) -> list[dict]:
     return profile
 
 
-class _TimedPrimitives:
-    """The backend's primitives, each realised, synchronised and timed under the current op."""
+class _TimedPrimitives(Forwarding):
+    """The backend's primitives, each realised, synchronised and timed under the current op's ``label``
+    (seconds per label in ``seconds``)."""
 
     def __init__(self, backend):
         self.backend, self.label, self.seconds = backend, "", {}
+        self.name, self.device, self.dtype = backend.name, backend.device, backend.dtype
 
-    def __getattr__(self, name):
-        primitive = getattr(self.backend, name)
+    def call_primitive(self, primitive: str, *args):
+        start = time.perf_counter()
+        out = self.backend.realize(getattr(self.backend, primitive)(*args))
+        self.backend.synchronize()
+        self.seconds[self.label] = self.seconds.get(self.label, 0.0) + time.perf_counter() - start
+        return out
 
-        def timed(*args):
-            start = time.perf_counter()
-            out = self.backend.realize(primitive(*args))
-            self.backend.synchronize()
-            self.seconds[self.label] = self.seconds.get(self.label, 0.0) + time.perf_counter() - start
-            return out
-
-        return timed
+    def end_block(self, x):
+        return self.backend.end_block(x)
 
 
 def _profile_pass(model, x_on_device, batch: int, macs_of: dict[str, int]) -> list[dict]:
@@ -158,18 +160,16 @@ def _profile_pass(model, x_on_device, batch: int, macs_of: dict[str, int]) -> li
 
 def run_benchmark(config: BenchConfig) -> dict:
     """Build, time and describe one backend in this process (the child's job)."""
-    if config.beam and config.backend == "tinygrad":
-        os.environ["BEAM"] = str(config.beam)  # read when tinygrad is imported
     from . import backends
     from .analysis import summary
     from .spec import ResNetSpec
 
     spec = ResNetSpec.from_dict(config.spec)
     group = None
-    if config.processes > 1:  # this process is one rank that portres.training.distributed.run_local started
-        from .training import distributed as parallel
+    if config.processes > 1:  # this process is one rank that portres.training.launch.run_local started
+        from .training import replicas
 
-        group = parallel.join(config.backend, distributed=True, device=config.device)
+        group = replicas.join(config.backend, distributed=True, device=config.device)
     label = f"{config.backend} {spec.name}{' training' if config.train else ''}"
     progress = _Progress(label if group is None else f"{label}, rank {group.rank} of {group.processes}")
     if group is not None and group.rank != 0:
@@ -231,6 +231,8 @@ def _inference_pass(spec, config: BenchConfig):
 
     model = build(spec, config.backend, device=config.device, dtype=config.dtype, seed=config.seed)
     backend = model.backend
+    if config.beam:  # before the first call compiles (tinygrad's BEAM; otherwise the environment's BEAM holds)
+        backend.search_kernels(config.beam)
     config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
     rng = np.random.default_rng(config.seed)
     images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
@@ -260,6 +262,8 @@ def _training_pass(spec, config: BenchConfig, group=None):
     if group is not None:
         backend = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
                              sync_bn=False)
+    if config.beam:
+        backend.search_kernels(config.beam)
     config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
     if config.batch < 2:
         raise ValueError("training needs --batch 2 or more: train-mode batch norm normalises over the batch")
@@ -304,9 +308,7 @@ def _data_parallel_record(config: BenchConfig, group, backend, state: dict, step
     """Per-rank and total rates, and one all-reduce of what a step averages (every gradient and BN running
     statistic) timed on its own, after the steps: a step's all-reduce is inside the step (MLX runs it in
     the step's graph), so it is measured as its own collective on arrays of the same sizes."""
-    from .training.step import split_state
-
-    model, _ = split_state(state["arrays"])
+    model = state["arrays"].model
     tree = {name: value * 0 for name, value in model.items()}
     sizes = [int(np.prod(tuple(value.shape))) for value in tree.values()]
     timings = []
@@ -385,11 +387,12 @@ def run_in_subprocess(config: BenchConfig, timeout: float | None = None) -> dict
 
 
 def _run_ranks(command: list[str], config: BenchConfig) -> dict:
-    from .training import distributed as parallel
+    from .training.launch import run_local
+    from .training.replicas import DistributedError
 
     try:
-        stdout = parallel.run_local(command, config.processes, config.backend, stdout=subprocess.PIPE).stdout
-    except parallel.DistributedError as error:
+        stdout = run_local(command, config.processes, config.backend, stdout=subprocess.PIPE).stdout
+    except DistributedError as error:
         stdout = getattr(error, "stdout", None) or ""
         if RESULT_PREFIX + '{"error"' not in stdout:  # rank 0's own error says more than how the ranks ended
             raise BenchError(f"{config.backend} with {config.processes} processes: {error}") from None

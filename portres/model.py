@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .analysis import check_input_size
@@ -28,14 +26,14 @@ class Model:
         self.spec = spec  # the architecture
         self.backend = backend  # the backend's Backend object (device, dtype, primitives)
         self.plan = plan  # the plan it executes (BN may be folded into convs)
-        # a backend whose framework keeps process-wide state offers a lock; calls then take turns
-        self._lock = getattr(backend, "lock", None) or contextlib.nullcontext()
+        # a backend whose framework keeps process-wide state has a real lock (tinygrad); calls then take turns
+        self._lock = backend.lock
         self.params = backend.load_params(plan, params)  # backend arrays, keyed by parameter name
         self._forward = backend.compile(self._logits_on(backend))
         # where a backend's fast path spreads NaN/inf differently from the reference (tinygrad's Winograd
-        # tiles), it offers an exact variant; inputs holding NaN/inf run there, so they propagate as in
-        # the reference (a finite input never pays for this)
-        exact = getattr(backend, "for_nonfinite_input", lambda: backend)()
+        # tiles), its for_nonfinite_input is an exact variant; inputs holding NaN/inf run there, so they
+        # propagate as in the reference (a finite input never pays for this)
+        exact = backend.for_nonfinite_input()
         self._exact = (exact, exact.compile(self._logits_on(exact))) if exact is not backend else None
 
     def __repr__(self) -> str:
@@ -106,6 +104,28 @@ def check_images(plan: Plan, x, min_batch: int = 1) -> np.ndarray:
     return x
 
 
+def plan_and_params(spec, params=None, *, seed: int = 0, fold: bool = False,
+                    rewrite=None) -> tuple[ResNetSpec, Plan, dict[str, np.ndarray]]:
+    """``(spec, plan, params)`` as :func:`build` runs them: ``spec`` resolved (a ResNetSpec or preset
+    name), its plan, ``params`` loaded strictly (a mapping or weights file; ``None``:
+    ``init_params(spec, seed)``), then the plan rewritten by ``rewrite(plan)`` if given (e.g. a
+    lesion: the parameters it no longer uses are dropped) and BN folded into the convs if ``fold``.
+
+        >>> spec, plan, params = plan_and_params("resnet20", fold=True)
+        >>> "bn1.weight" in params
+        False
+    """
+    spec = resolve_spec(spec)
+    plan = make_plan(spec)
+    params = init_params(plan, seed) if params is None else load_weights(params, plan)
+    if rewrite is not None:
+        plan = rewrite(plan)
+        params = {name: params[name] for name in plan.param_shapes()}
+    if fold:
+        plan, params = fold_batch_norm(plan, params)
+    return spec, plan, params
+
+
 def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,
           fold_batch_norm_into_conv: bool | None = None, seed: int = 0, **backend_options) -> Model:
     """Lower ``spec`` (a ResNetSpec or preset name) to ``backend``.
@@ -122,11 +142,8 @@ def build(spec, backend: str = "numpy", params=None, *, device: str | None = Non
     spec = resolve_spec(spec)
     module = backends.load(backend, device)
     lowering = module.Backend(device=device, dtype=dtype, **backend_options)
-    plan = make_plan(spec)
-    params = init_params(plan, seed) if params is None else load_weights(params, plan)
     fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv
-    if fold:
-        plan, params = fold_batch_norm(plan, params)
+    spec, plan, params = plan_and_params(spec, params, seed=seed, fold=fold)
     _check_range(params, lowering.dtype)
     return Model(spec, lowering, plan, params)
 
@@ -144,4 +161,4 @@ def _check_range(params: dict[str, np.ndarray], dtype: str) -> None:
                            "use float32 or bfloat16")
 
 
-__all__ = ["Model", "build", "INPUT"]
+__all__ = ["Model", "build", "plan_and_params", "INPUT"]

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import build, resolve_spec
+from .model import build
 from .plan import INPUT, make_plan, run_plan
 from .weights import init_params
+from .zoo import resolve as resolve_spec
 
 # float16: every framework is within 2.2e-3 on the networks tests/test_parity.py runs, and a primitive off by
 # 1% puts a network off by 1e-2 or more (2e-2 let it through); bfloat16 reaches 1.6e-2 on its own
@@ -56,7 +57,7 @@ def calibrate_batch_norm(spec, params: dict, images: np.ndarray, seed: int = 0) 
     """
     from .backends.numpy import Backend
 
-    plan = make_plan(resolve_spec(spec))
+    plan = make_plan(spec)
     rng = np.random.default_rng(seed)
     params = dict(params)
     params64 = {name: np.asarray(value, np.float64) for name, value in params.items()}
@@ -131,8 +132,14 @@ class Reference:
         self.features = {name: self.values[value] for name, value in plan.features}
 
 
-def default_input_size(spec) -> int:
-    """Parity runs small: 32x32 for CIFAR stems, 64x64 otherwise (every stage still > 1x1)."""
+def parity_input_size(spec) -> int:
+    """The input side parity checks run at, small to be quick: 32x32 for CIFAR stems, 64x64 otherwise
+    (every stage still > 1x1). Not the size a network is usually run at: that is
+    :func:`portres.zoo.default_input_size`.
+
+        >>> parity_input_size("resnet50")
+        64
+    """
     return 32 if resolve_spec(spec).stem.kind == "cifar" else 64
 
 
@@ -186,7 +193,7 @@ def check(spec, backends, *, input_size: int | None = None, batch: int = 2, dtyp
     A backend that cannot be built or crashes is reported (``error``), and the others still run.
     """
     spec = resolve_spec(spec)
-    input_size = input_size or default_input_size(spec)
+    input_size = input_size or parity_input_size(spec)
     from .backends.numpy import DTYPES as NUMPY_DTYPES
 
     if "numpy" in backends and dtype not in NUMPY_DTYPES:

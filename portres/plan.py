@@ -12,7 +12,8 @@ torchvision's state_dict keys wherever torchvision has the model::
     >>> plan.ops[1].inputs
     ('conv1',)
 
-Backends never re-derive the architecture: they execute ops (see :func:`run_plan`).
+Backends never re-derive the architecture: they execute ops (see :func:`run_plan`). The plan
+also records each residual block (:class:`Block`), so nothing recovers the structure from names.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import ClassVar
 
-from .spec import ResNetSpec
+from .spec import ResNetSpec, SpecError
+from .zoo import resolve as resolve_spec
 
 INPUT = "input"  # the value name of the network input
 
@@ -256,12 +258,54 @@ class Op:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One residual (or plain) block, as :func:`make_plan` built it: its ops read ``input`` and the
+    last one writes ``output``. Rewrites (BN folding, block deletion) keep these records; the ops they
+    removed are simply no longer in ``plan.ops`` (:meth:`Plan.block_ops` lists those that are)."""
+
+    name: str  # "layer2.0": stage 2 (counted from 1), block 0 (from 0); its ops are named f"{name}.*"
+    stage: str  # "layer2": the stage it belongs to (a feature name)
+    input: str  # the value it reads
+    output: str  # the value it writes
+    ops: tuple[str, ...]  # every op of the block, in plan order (its shortcut's too)
+    shortcut: tuple[str, ...] = ()  # the shortcut's own ops (projection, subsample, padding); () for identity
+    add: str | None = None  # its add op; None in a plain network
+
+
+@dataclass(frozen=True)
 class Plan:
     spec: ResNetSpec  # what the plan was made from
     ops: tuple[Op, ...]  # in execution order
     features: tuple[tuple[str, str], ...]  # (feature name, value name): stem and each stage's output
     output: str  # value name of the logits
     total_stride: int  # input pixels per final feature-map pixel, per side
+    blocks: tuple[Block, ...] = ()  # every residual (or plain) block, in order
+
+    def shapes(self, input_size) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every value for an input of ``input_size`` (int or (H, W)).
+
+            >>> make_plan("resnet20").shapes(32)["layer3.2.relu2"]
+            (64, 8, 8)
+        """
+        self.check_input_size(input_size)
+        height, width = image_side(input_size)
+        shapes = {INPUT: (self.spec.in_channels, height, width)}
+        for op in self.ops:
+            shapes[op.output] = op.layer.output_shape(*(shapes[name] for name in op.inputs))
+        return shapes
+
+    def check_input_size(self, input_size) -> None:
+        """Raise ``ValueError`` when a side of ``input_size`` is below the network's total stride.
+
+        Smaller inputs still compute, but the last stages would see nothing but padding.
+        """
+        height, width = image_side(input_size)
+        need = self.total_stride
+        if height < need or width < need:
+            raise ValueError(
+                f"input {height}x{width} is too small for {self.spec.name}: its strides downsample by {need}, "
+                f"so each side must be at least {need} pixels"
+            )
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
         """Every parameter and buffer, in plan order: ``{name: (shape, trainable)}``."""
@@ -277,13 +321,31 @@ class Plan:
         raise KeyError(name)
 
     @cached_property
+    def block_of(self) -> dict[str, Block]:
+        """Op name -> the block it belongs to, for the ops of a block."""
+        return {name: block for block in self.blocks for name in block.ops}
+
+    def block_ops(self, block: Block) -> list[Op]:
+        """The ops of ``block`` still in the plan, in plan order."""
+        return [op for op in self.ops if self.block_of.get(op.name) is block]
+
+    @cached_property
+    def parts(self) -> dict[str, str]:
+        """Op name -> the part of the network it is in: ``"stem"``, its stage (``"layer2"``) or ``"head"``."""
+        parts, after_blocks = {}, False
+        for op in self.ops:
+            block = self.block_of.get(op.name)
+            after_blocks = after_blocks or block is not None
+            parts[op.name] = block.stage if block is not None else ("head" if after_blocks else "stem")
+        return parts
+
+    @cached_property
     def block_outputs(self) -> frozenset[str]:
-        """Value names that end a residual block (the last op named ``layerI.J.*``)."""
+        """Value names that end a block: the output of each block's last op in the plan."""
         last: dict[str, str] = {}
         for op in self.ops:
-            parts = op.name.split(".")
-            if len(parts) > 2 and parts[0].startswith("layer"):
-                last[f"{parts[0]}.{parts[1]}"] = op.output
+            if op.name in self.block_of:
+                last[self.block_of[op.name].name] = op.output
         return frozenset(last.values())
 
     def last_uses(self) -> dict[str, int]:
@@ -293,6 +355,14 @@ class Plan:
             for value in op.inputs:
                 last[value] = index
         return last
+
+
+def image_side(input_size) -> tuple[int, int]:
+    """``(height, width)`` of an input size given as an int or a pair."""
+    if isinstance(input_size, int):
+        return (input_size, input_size)
+    height, width = input_size
+    return (int(height), int(width))
 
 
 def as_plan(spec_or_plan) -> Plan:
@@ -305,6 +375,8 @@ class _Builder:
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.blocks: list[Block] = []
+        self.shortcut: tuple[str, ...] = ()  # the ops the current block's shortcut added
 
     def add(self, name: str, layer: Layer, *inputs: str) -> str:
         self.ops.append(Op(name, layer, tuple(inputs)))
@@ -317,16 +389,25 @@ class _Builder:
 
 
 def make_plan(spec: ResNetSpec | str) -> Plan:
-    """The flat op sequence for ``spec``, a ResNetSpec or a preset name (cached: specs are immutable)."""
-    if not isinstance(spec, ResNetSpec):
-        from .zoo import resolve  # zoo.py registers specs, which are checked by building their plans
+    """The flat op sequence for ``spec``, a ResNetSpec or a preset name (cached: specs are immutable).
 
-        spec = resolve(spec)
-    return _make_plan(spec)
+    This is where a spec is checked against its ops: a conv it cannot compute (e.g. groups that do
+    not divide a basic block's *input* channels) raises :class:`~portres.spec.SpecError`.
+    """
+    return _checked_plan(resolve_spec(spec))
 
 
 @lru_cache(maxsize=256)
-def _make_plan(spec: ResNetSpec) -> Plan:
+def _checked_plan(spec: ResNetSpec) -> Plan:
+    try:
+        plan = _build_plan(spec)
+        plan.shapes(plan.total_stride)  # every op's channel arithmetic, at the smallest input
+    except ValueError as error:
+        raise SpecError(f"{error}; adjust stem.width, the stage widths or groups") from None
+    return plan
+
+
+def _build_plan(spec: ResNetSpec) -> Plan:
     b = _Builder()
     x, total_stride = _stem(b, spec)
     features = [("stem", x)]
@@ -336,7 +417,12 @@ def _make_plan(spec: ResNetSpec) -> Plan:
         for block_index in range(stage.blocks):
             stride = stage.stride if block_index == strided_block else 1
             prefix = f"layer{stage_index + 1}.{block_index}"
+            first_op, block_input, b.shortcut = len(b.ops), x, ()
             x = _block(b, spec, prefix, x, channels, stage, stride)
+            ops = b.ops[first_op:]
+            add = next((op.name for op in ops if op.kind == "add"), None)
+            b.blocks.append(Block(prefix, f"layer{stage_index + 1}", block_input, x, tuple(op.name for op in ops),
+                                  b.shortcut, add))
             channels = spec.out_width(stage)
         total_stride *= stage.stride
         features.append((f"layer{stage_index + 1}", x))
@@ -345,7 +431,7 @@ def _make_plan(spec: ResNetSpec) -> Plan:
         x = b.add("final_relu", ReLU(), x)
     x = b.add("avgpool", GlobalAvgPool(), x)
     x = b.add("fc", Linear(channels, spec.num_classes), x)
-    return Plan(spec, _with_conv_biases(b.ops, spec.conv_bias), tuple(features), x, total_stride)
+    return Plan(spec, _with_conv_biases(b.ops, spec.conv_bias), tuple(features), x, total_stride, tuple(b.blocks))
 
 
 def _with_conv_biases(ops: list[Op], policy: str) -> tuple[Op, ...]:
@@ -429,8 +515,16 @@ def _block(b: _Builder, spec: ResNetSpec, prefix: str, x: str, cin: int, stage, 
     return b.add(f"{p}relu{last}", ReLU(), x)
 
 
-def _shortcut(b: _Builder, spec: ResNetSpec, p: str, identity: str, projected: str,
-              cin: int, cout: int, stride: int) -> str:
+def _shortcut(b: _Builder, *args) -> str:
+    """:func:`_shortcut_path`, noting the ops it added as the block's shortcut."""
+    first_op = len(b.ops)
+    value = _shortcut_path(b, *args)
+    b.shortcut = tuple(op.name for op in b.ops[first_op:])
+    return value
+
+
+def _shortcut_path(b: _Builder, spec: ResNetSpec, p: str, identity: str, projected: str,
+                   cin: int, cout: int, stride: int) -> str:
     """The shortcut value: ``identity`` when shapes match, else the spec's policy.
 
     ``projected`` is what a learned projection reads (the pre-activated input in v2).
@@ -545,7 +639,8 @@ def delete_blocks(plan: Plan, blocks) -> Plan:
     """
     if isinstance(blocks, str):
         blocks = [blocks]
-    names = _block_names(plan)
+    by_name = {block.name: block for block in plan.blocks}
+    names = list(by_name)
     wanted = list(dict.fromkeys(blocks))
     unknown = [block for block in wanted if block not in names]
     if unknown:
@@ -557,7 +652,7 @@ def delete_blocks(plan: Plan, blocks) -> Plan:
     alias: dict[str, str] = {}  # deleted value -> the value that now stands for it
     removable: set[str] = set()  # op names that go once nothing reads them
     for block in wanted:
-        members = [op for op in ops if op.name.startswith(block + ".")]
+        members = [op for op in ops if plan.block_of.get(op.name) is by_name[block]]
         add = next((op for op in members if op.kind == "add"), None)
         if add is not None:  # residual: the add's output becomes the shortcut value (its second input)
             alias[add.output] = add.inputs[1]
@@ -586,16 +681,6 @@ def delete_blocks(plan: Plan, blocks) -> Plan:
             break
         ops = [op for op in ops if op not in dead]
     return dataclasses.replace(plan, ops=tuple(ops), features=features, output=output)
-
-
-def _block_names(plan: Plan) -> list[str]:
-    """``layerS.B`` of every block, in plan order."""
-    names: dict[str, None] = {}
-    for op in plan.ops:
-        parts = op.name.split(".")
-        if len(parts) > 2 and parts[0].startswith("layer"):
-            names[f"{parts[0]}.{parts[1]}"] = None
-    return list(names)
 
 
 # -- the walker ----------------------------------------------------------------------------
@@ -640,23 +725,31 @@ def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()
 
     Values are dropped after their last reader, so peak memory stays that of one block.
     ``before_op(op, args)``, if given, runs before each op (and may update ``params``).
-    A backend with an ``end_block(value)`` method gets each block's output through it
-    (lazy frameworks cut their graph there).
+    Each block's output goes through the backend's ``end_block`` (lazy frameworks cut their graph
+    there; elsewhere it returns its argument).
     """
+    block_outputs = plan.block_outputs
     apply = lambda op, args: apply_op(primitives, op, args, params)  # noqa: E731
-    return _walk(plan, apply, x, keep, before_op, getattr(primitives, "end_block", None))
+    cut = lambda value, result: primitives.end_block(result) if value in block_outputs else result  # noqa: E731
+    return _walk(plan, apply, x, keep, before_op=before_op, after_op=cut)
 
 
-def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float = 0.1,
-                   keep: tuple[str, ...] = ()) -> tuple[dict, dict]:
+def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float | None = 0.1,
+                   keep: tuple[str, ...] = (), probes: dict | None = None,
+                   constants: dict | None = None) -> tuple[dict, dict]:
     """Execute ``plan`` with batch norm in training mode; returns ``(values, running_stats)``.
 
     Each BN normalises with its batch's mean and biased variance (the backend's
     ``batch_norm_train`` primitive returns them with the unbiased variance), and its running
     statistics are updated with PyTorch's rule, written here once for every backend:
     ``running = (1 - momentum) * running + momentum * batch`` (unbiased variance). BN state
-    is passed in ``params`` and returned, never kept anywhere else. Plans are never folded in
-    training, and graphs are not cut at block ends (that would cut tinygrad's gradients).
+    is passed in ``params`` and returned, never kept anywhere else (``momentum=None``: none are
+    computed, for passes that do not train). Plans are never folded in training, and graphs are
+    not cut at block ends (that would cut tinygrad's gradients).
+
+    For gradients with respect to values inside the network (:mod:`portres.experiments.probes`):
+    ``probes`` maps value names (``INPUT`` too) to arrays added to the value once it is written,
+    and ``constants`` maps extra value names to arrays ops may read (e.g. a detached copy).
 
         >>> values, stats = run_plan_train(plan, backend, params, images)
         >>> sorted(stats)[:2]
@@ -670,32 +763,38 @@ def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float =
         name = op.name
         y, mean, var = primitives.batch_norm_train(args[0], params[f"{name}.weight"], params[f"{name}.bias"],
                                                    op.layer.eps)
-        for suffix, batch in (("running_mean", mean), ("running_var", var)):
-            running_stats[f"{name}.{suffix}"] = params[f"{name}.{suffix}"] * (1 - momentum) + batch * momentum
+        if momentum is not None:
+            for suffix, batch in (("running_mean", mean), ("running_var", var)):
+                running_stats[f"{name}.{suffix}"] = params[f"{name}.{suffix}"] * (1 - momentum) + batch * momentum
         return y
 
-    return _walk(plan, apply, x, keep, None, None), running_stats
+    if probes:
+        add_probe = lambda value, result: primitives.add(result, probes[value]) if value in probes else result  # noqa: E731
+    else:
+        add_probe = None
+    return _walk(plan, apply, x, keep, after_op=add_probe, constants=constants), running_stats
 
 
-def _walk(plan: Plan, apply, x, keep, before_op, end_block) -> dict:
+def _walk(plan: Plan, apply, x, keep, *, before_op=None, after_op=None, constants=None) -> dict:
+    """The one forward walker: ``apply(op, args)`` for each op in order, values dropped after their
+    last reader. ``before_op(op, args)`` runs before an op; ``after_op(value name, result)`` may
+    replace what is written (``INPUT`` included)."""
     wanted = set(keep) | {plan.output}
-    block_outputs = plan.block_outputs if end_block is not None else frozenset()
     last_use = plan.last_uses()
-    values = {INPUT: x}
-    kept = {}
+    x = after_op(INPUT, x) if after_op is not None else x
+    values = {**(constants or {}), INPUT: x}
+    kept = {INPUT: x} if INPUT in wanted else {}
     for index, op in enumerate(plan.ops):
         args = [values[name] for name in op.inputs]
         if before_op is not None:
             before_op(op, args)
         result = apply(op, args)
-        if op.output in block_outputs:
-            result = end_block(result)
+        if after_op is not None:
+            result = after_op(op.output, result)
         values[op.output] = result
         if op.output in wanted:
             kept[op.output] = result
         for name in set(op.inputs):
             if last_use[name] == index:
                 del values[name]
-    if INPUT in wanted:
-        kept[INPUT] = x
     return kept

@@ -2,7 +2,8 @@
 
 A :class:`ResNetSpec` says *what* the network is (stem, stages, block kind, shortcut
 policy, ...); :mod:`portres.plan` turns it into the flat list of ops every backend runs.
-Specs are frozen, validated when built, and round-trip exactly through JSON::
+Specs are frozen, validated field by field when built (``make_plan`` checks the ops they
+make), and round-trip exactly through JSON. This module imports no other portres module::
 
     >>> from portres.spec import ResNetSpec, StageSpec
     >>> spec = ResNetSpec(name="tiny", block="basic",
@@ -194,19 +195,8 @@ class ResNetSpec:
                     "use shortcut='B'"
                 )
             channels = out
-        self._check_plan()
-
-    def _check_plan(self) -> None:
-        """Every conv of the plan must be computable (e.g. groups divide a basic block's *input*
-        channels too): checked here, so `summary` never prints an impossible conv."""
-        from .analysis import infer_shapes  # both build on this module
-        from .plan import make_plan
-
-        try:
-            plan = make_plan(self)
-            infer_shapes(plan, plan.total_stride)  # every op's channel arithmetic, at the smallest input
-        except ValueError as error:
-            raise SpecError(f"{error}; adjust stem.width, the stage widths or groups") from None
+        # what needs the ops themselves (groups must divide a basic block's *input* channels too) is
+        # checked when the plan is made: portres.plan.make_plan raises SpecError for it
 
     # -- derived shape facts (the plan uses these; nothing else re-derives them) --
 

@@ -1,10 +1,13 @@
-"""Named presets.
+"""Named presets, each with what using it needs besides the architecture (input size,
+normalisation, the naming scheme of its published weights). This module imports only the spec.
 
     >>> import portres
     >>> portres.get("resnet50").stages[0]
     StageSpec(blocks=3, width=64, stride=1)
     >>> "resnet20" in portres.zoo.names()
     True
+    >>> portres.zoo.entry("keras_resnet50").layout, portres.zoo.default_input_size("resnet20")
+    ('keras', 32)
 """
 
 from __future__ import annotations
@@ -39,14 +42,28 @@ KERAS_V2 = {"stage_stride_at": "last", "stride_only_shortcut": "subsample", "con
             "bn_eps": 1.001e-5, "stem": StemSpec(max_pool_padding="zero")}
 KERAS_V2_STRIDES = (2, 2, 2, 1)
 
+# torchvision's and timm's ImageNet normalisation of [0, 1] RGB images
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
+    """A preset: its architecture and how it is used (timm's registry metadata is the model)."""
+
     spec: ResNetSpec  # the architecture
     # "resnet", "resnext", "wide_resnet", "resnet_v1", "resnet_v2", "resnet_d", "keras", "cifar", "cifar_v2",
     # "plain"
     family: str  # the preset's family (listed above)
     description: str  # one line for `portres list`
+    input_size: int  # the image side it is usually run at: 32 for CIFAR stems, 224 otherwise
+    # per-channel normalisation of [0, 1] RGB images that its published weights expect; None where it has no
+    # published weights (the data set's own statistics apply) or they expect other preprocessing (Keras v1:
+    # BGR with the mean subtracted on a 0-255 scale)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str = "torchvision"  # the naming scheme of its published weights (portres.interop.LAYOUTS)
+    source: str = "paper"  # whose definition it follows: "torchvision", "timm", "keras" or "paper"
 
 
 _REGISTRY: dict[str, ZooEntry] = {}
@@ -59,11 +76,22 @@ class UnknownNameError(SpecError, KeyError):
         return self.args[0]
 
 
-def register(spec: ResNetSpec, family: str, description: str = "") -> ResNetSpec:
-    """Add ``spec`` to the zoo under ``spec.name``; a duplicate name raises ``ValueError``."""
+def usual_input_size(spec: ResNetSpec) -> int:
+    """The image side a network of this shape is usually run at: 32 for CIFAR stems, 224 otherwise."""
+    return 32 if spec.stem.kind == "cifar" else 224
+
+
+def register(spec: ResNetSpec, family: str, description: str = "", **metadata) -> ResNetSpec:
+    """Add ``spec`` to the zoo under ``spec.name``; a duplicate name raises ``ValueError``.
+
+    ``metadata``: the other :class:`ZooEntry` fields (``input_size`` defaults to :func:`usual_input_size`).
+
+        >>> register(portres.resnet(18, name="my_resnet18"), "resnet", layout="torchvision")
+    """
     if spec.name in _REGISTRY:
         raise ValueError(f"a preset named {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = ZooEntry(spec, family, description)
+    metadata.setdefault("input_size", usual_input_size(spec))
+    _REGISTRY[spec.name] = ZooEntry(spec, family, description, **metadata)
     return spec
 
 
@@ -86,6 +114,18 @@ def entry(name: str) -> ZooEntry:
 def get(name: str) -> ResNetSpec:
     """The spec registered as ``name``, e.g. ``portres.get("resnext50_32x4d")``."""
     return entry(name).spec
+
+
+def default_input_size(spec_or_name) -> int:
+    """The image side ``spec_or_name`` is usually run at: its preset's ``input_size``, and for a spec the zoo
+    does not hold, :func:`usual_input_size`.
+
+        >>> default_input_size("resnet50"), default_input_size("resnet56")
+        (224, 32)
+    """
+    spec = resolve(spec_or_name)
+    registered = _REGISTRY.get(spec.name)
+    return registered.input_size if registered is not None and registered.spec == spec else usual_input_size(spec)
 
 
 def resolve(spec_or_name) -> ResNetSpec:
@@ -172,47 +212,47 @@ def cifar_preact_resnet(depth: int, *, bottleneck: bool = False, name: str | Non
 
 
 def _register_defaults() -> None:
+    torchvision = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "source": "torchvision"}
+    timm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "layout": "timm", "source": "timm"}
     for depth in IMAGENET_DEPTHS:
-        register(resnet(depth), "resnet", f"ResNet-{depth} (torchvision, v1.5)")
+        register(resnet(depth), "resnet", f"ResNet-{depth} (torchvision, v1.5)", **torchvision)
     for groups, width_per_group, depth in ((32, 4, 50), (32, 8, 101), (64, 4, 101)):
         register(
             resnet(depth, name=f"resnext{depth}_{groups}x{width_per_group}d", groups=groups,
                    width_per_group=width_per_group),
-            "resnext", f"ResNeXt-{depth} {groups}x{width_per_group}d (torchvision)",
+            "resnext", f"ResNeXt-{depth} {groups}x{width_per_group}d (torchvision)", **torchvision,
         )
     for depth in (50, 101):
         register(resnet(depth, name=f"wide_resnet{depth}_2", width_factor=2), "wide_resnet",
-                 f"Wide ResNet-{depth}-2 (torchvision)")
+                 f"Wide ResNet-{depth}-2 (torchvision)", **torchvision)
     for depth in (50, 101, 152):
         register(resnet(depth, name=f"resnet{depth}_v1", bottleneck_stride_at="1x1"), "resnet_v1",
                  f"ResNet-{depth}, original v1: stride on the first 1x1")
     for depth in IMAGENET_DEPTHS:
         register(resnet(depth, name=f"resnetv2_{depth}", preactivation=True), "resnet_v2",
-                 f"Pre-activation ResNet-{depth} (identity mappings)")
+                 f"Pre-activation ResNet-{depth} (identity mappings)", layout="timm", source="timm")
     for depth in (50, 101):
         register(resnet(depth, name=f"resnet{depth}d", stem=StemSpec(kind="deep"), shortcut="avg_down"),
-                 "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)")
+                 "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)", **timm)
     d_variant = {"stem": StemSpec(kind="deep"), "shortcut": "avg_down"}
     resnet26d = resnet(50, name="resnet26d", **d_variant)
     register(dataclasses.replace(resnet26d, stages=tuple(dataclasses.replace(s, blocks=2) for s in resnet26d.stages)),
-             "resnet_d", "ResNet-26-D: bottleneck [2, 2, 2, 2], deep stem + avg-pool downsampling (timm)")
+             "resnet_d", "ResNet-26-D: bottleneck [2, 2, 2, 2], deep stem + avg-pool downsampling (timm)", **timm)
     for depth in (50, 101, 152):
         register(resnet(depth, name=f"keras_resnet{depth}", **KERAS_V1), "keras",
-                 f"Keras Applications ResNet{depth}: v1, conv biases, BN eps 1.001e-5 (Keras names: layout='keras')")
+                 f"Keras Applications ResNet{depth}: v1, conv biases, BN eps 1.001e-5 (Keras names: layout='keras')",
+                 layout="keras", source="keras")
     for depth in (50, 101, 152):
         v2 = resnet(depth, name=f"keras_resnet{depth}v2", preactivation=True, **KERAS_V2)
         stages = tuple(dataclasses.replace(s, stride=stride) for s, stride in zip(v2.stages, KERAS_V2_STRIDES))
         register(dataclasses.replace(v2, stages=stages), "keras",
-                 f"Keras Applications ResNet{depth}V2: pre-activation, stride in each stage's last block")
+                 f"Keras Applications ResNet{depth}V2: pre-activation, stride in each stage's last block",
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="keras", source="keras")  # x / 127.5 - 1
     for depth in CIFAR_DEPTHS:
         register(cifar_resnet(depth), "cifar", f"CIFAR ResNet-{depth}, option A shortcuts")
-    for depth in (20, 32, 44, 56, 110):
+    for depth in CIFAR_DEPTHS:  # the plain twin of every CIFAR depth
         register(cifar_resnet(depth, name=f"plain{depth}", residual=False), "plain",
                  f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts")
-    for depth in CIFAR_DEPTHS:  # the plain twin of every CIFAR depth (1202 was missing)
-        if f"plain{depth}" not in _REGISTRY:
-            register(cifar_resnet(depth, name=f"plain{depth}", residual=False), "plain",
-                     f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts")
     for depth in CIFAR_PREACT_DEPTHS:
         register(cifar_preact_resnet(depth), "cifar_v2", f"CIFAR pre-activation ResNet-{depth}, option A shortcuts")
     for depth in CIFAR_PREACT_BOTTLENECK_DEPTHS:

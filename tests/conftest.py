@@ -68,13 +68,13 @@ def reduced(name: str) -> bool:
 
 def forward_case(name: str) -> tuple[int, int]:
     """(input size, batch) of the forward parity of zoo entry ``name`` in this tier."""
-    from portres.parity import default_input_size
+    from portres.parity import parity_input_size
     from portres.plan import make_plan
 
     spec = zoo.resolve(name)
     if reduced(name):  # the smallest input the network accepts (CIFAR: 8x8, so the last stage is 2x2), one image
         return max(make_plan(spec).total_stride, 8), 1
-    return default_input_size(spec), 2
+    return parity_input_size(spec), 2
 
 
 def gradient_case(name: str) -> tuple[int, int]:
@@ -85,9 +85,9 @@ def gradient_case(name: str) -> tuple[int, int]:
     one value per image, which makes the gradients chaotic (resnet101 at 32x32, 2 images: 1e-4 apart
     in float64; at 64x64: 4e-12). It takes 2 images instead of 4.
     """
-    from portres.parity import default_input_size
+    from portres.parity import parity_input_size
 
-    return default_input_size(zoo.resolve(name)), 2 if reduced(name) else 4
+    return parity_input_size(zoo.resolve(name)), 2 if reduced(name) else 4
 
 
 def gradient_frameworks(name: str) -> tuple[str, ...]:

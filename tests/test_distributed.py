@@ -28,7 +28,8 @@ from test_train import TINY, Quiet
 import portres
 from portres import backends, data
 from portres.cli import main
-from portres.training import distributed as parallel
+from portres.training import launch
+from portres.training import replicas as parallel
 from portres.training.checkpoint import load_checkpoint
 from portres.training.grads import loss_and_grads
 from portres.training.loop import TrainConfig, load_data, make_lr_schedule, make_optimizer, network_for, train
@@ -142,7 +143,7 @@ def check_replicas_identical(summary: dict, replicas: int) -> None:
 @pytest.mark.parametrize("sync_bn", [False, True], ids=["per-replica-bn", "sync-bn"])
 def test_process_ranks_match_the_reference(tmp_path, backend, sync_bn):
     config = settings(tmp_path, backend=backend, sync_bn=sync_bn)
-    summary = parallel.local_training(config, 2, resume=False)
+    summary = launch.local_training(config, 2, resume=False)
     check_replicas_identical(summary, 2)
     assert summary["processes"] == 2 and summary["sync_bn"] == sync_bn
     check_against_reference(config, summary, shards=1 if sync_bn else 2)
@@ -156,11 +157,11 @@ def test_mlx_resumes_with_another_number_of_processes(tmp_path):
     train(whole, progress=Quiet())
     parts = settings(tmp_path, "parts", backend="mlx", epochs=2, stop_after_steps=2, eval_every=5, lr=0.05,
                      sync_bn=True)
-    parallel.local_training(parts, 2, resume=False)
+    launch.local_training(parts, 2, resume=False)
     resumed = train(settings(tmp_path, "parts", backend="mlx", epochs=2, stop_after_steps=4, eval_every=5, lr=0.05),
                     resume=True, progress=Quiet())
     assert resumed["steps_done"] == 4
-    finished = parallel.local_training(settings(tmp_path, "parts", backend="mlx", epochs=2, stop_after_steps=None,
+    finished = launch.local_training(settings(tmp_path, "parts", backend="mlx", epochs=2, stop_after_steps=None,
                                                 eval_every=5, lr=0.05, sync_bn=True), 2, resume=True)
     assert finished["finished"] and finished["steps_done"] == 6
     a, _ = load_checkpoint(tmp_path / "whole" / "last.safetensors")
@@ -253,7 +254,7 @@ def _rank_environment(rank: int, hostfile: Path) -> dict:
 @needs["mlx"]
 def test_ranks_started_with_different_seeds_refuse_to_train(tmp_path):
     # what mlx.launch does, by hand: a hostfile and MLX_RANK, and here one rank with another seed
-    ports = parallel.choose_ports(2)
+    ports = launch.choose_ports(2)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
     (tmp_path / "tiny.json").write_text(TINY.to_json())
@@ -346,8 +347,8 @@ def test_local_ranks_are_stopped_when_one_dies_and_the_others_would_wait_forever
     rank = ("import os, signal, time\n"
             "if os.environ['MLX_RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
             "time.sleep(3600)\n")
-    launcher = ("import sys\nfrom portres.training import distributed as parallel\n"
-                "try:\n    parallel.run_local([sys.executable, '-c', sys.argv[1]], 2, 'mlx', grace_s=1.0,\n"
+    launcher = ("import sys\nfrom portres.training import launch\nfrom portres.training import replicas as parallel\n"
+                "try:\n    launch.run_local([sys.executable, '-c', sys.argv[1]], 2, 'mlx', grace_s=1.0,\n"
                 "                       hint='; the end')\n"
                 "except parallel.DistributedError as error:\n    print(error)\n")
     process = subprocess.Popen([sys.executable, "-c", launcher, rank], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -367,10 +368,10 @@ def test_a_rank_that_fails_says_why_through_the_launcher():
             "if os.environ['MLX_RANK'] == '1':\n"
             "    sys.exit(print('portres: error: rank 1 has no data set here', file=sys.stderr) or 2)\n")
     with pytest.raises(parallel.DistributedError, match="^rank 1 exited with status 2: rank 1 has no data set here$"):
-        parallel.run_local([sys.executable, "-c", code], 2, "mlx", grace_s=1.0)
+        launch.run_local([sys.executable, "-c", code], 2, "mlx", grace_s=1.0)
     rank_zero = "import os, sys; sys.exit(2 if os.environ['MLX_RANK'] == '0' else 0)"
     with pytest.raises(parallel.AlreadyReported):  # rank 0 prints its own line: nothing to add
-        parallel.run_local([sys.executable, "-c", rank_zero], 2, "mlx", grace_s=1.0)
+        launch.run_local([sys.executable, "-c", rank_zero], 2, "mlx", grace_s=1.0)
 
 
 def test_launchers_are_recognised_by_their_environment(tmp_path):
@@ -398,21 +399,21 @@ def test_batches_must_divide_among_the_replicas(batch_size, replicas, sync_bn, m
 
 
 def test_ports_are_distinct_and_a_busy_one_is_named():
-    ports = parallel.choose_ports(4)
+    ports = launch.choose_ports(4)
     assert len(set(ports)) == 4
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         port = holder.getsockname()[1]
         with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
-            parallel.choose_ports(2, port)
+            launch.choose_ports(2, port)
 
 
 def test_local_ranks_get_the_environment_a_launcher_sets(tmp_path):
-    mlx = parallel.rank_environments("mlx", 2, [4001, 4002], tmp_path)
+    mlx = launch.rank_environments("mlx", 2, [4001, 4002], tmp_path)
     assert [(env["MLX_RANK"], env["MLX_HOSTFILE"]) for env in mlx] == [(str(rank), str(tmp_path / "hostfile.json"))
                                                                         for rank in range(2)]
     assert json.loads((tmp_path / "hostfile.json").read_text()) == [["127.0.0.1:4001"], ["127.0.0.1:4002"]]
-    torch = parallel.rank_environments("torch", 2, [4001], tmp_path)
+    torch = launch.rank_environments("torch", 2, [4001], tmp_path)
     assert [(env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) for env in torch] == [("0", "2", "4001"),
                                                                                       ("1", "2", "4001")]
     assert all(parallel.detect_launcher(env).name == "portres --processes" for env in mlx + torch)

@@ -21,9 +21,9 @@ from portres.data import DataError
 from portres.experiments.degradation import DegradationConfig, main_path_depth, run_degradation
 from portres.experiments.gradflow import gradient_flow, neighbour_correlation
 from portres.experiments.lesion import deletable_blocks, lesion_parity, lesion_study, lesioned_model, path_gradients
-from portres.experiments.probes import INPUT, Objective, gradients, network_blocks, walk_train
+from portres.experiments.probes import INPUT, Objective, gradients
 from portres.parity import parity_case, relative_error
-from portres.plan import delete_blocks, make_plan, run_plan
+from portres.plan import delete_blocks, make_plan, run_plan, run_plan_train
 from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training.grads import training_backend
 from portres.training.loop import TrainConfig, train
@@ -81,7 +81,7 @@ def zeroed_branch(spec, params: dict, block: str) -> dict:
 def test_deleting_a_residual_block_equals_zeroing_its_branch(name, backend):
     spec = TINY[name]
     images, params = parity_case(spec, SIZE, batch=2, seed=1)
-    blocks = [block.name for block in network_blocks(make_plan(spec))]
+    blocks = [block.name for block in make_plan(spec).blocks]
     for block in (blocks[0], blocks[-1]):  # an identity or projection shortcut, and a shape-changing block
         lesioned = lesioned_model(spec, backend, params, [block])
         zeroed = portres.build(spec, backend, zeroed_branch(spec, params, block))
@@ -140,10 +140,10 @@ def test_impossible_deletions_are_refused(blocks, message):
 
 def test_deleting_every_block_leaves_stem_shortcuts_and_head():
     plan = make_plan(TINY["v1_basic_A"])
-    lesioned = delete_blocks(plan, [block.name for block in network_blocks(plan)])
+    lesioned = delete_blocks(plan, [block.name for block in plan.blocks])
     assert not any(op.kind in ("conv2d", "add") and op.name.startswith("layer") for op in lesioned.ops)
     images, params = parity_case(TINY["v1_basic_A"], SIZE, batch=2)
-    every = [block.name for block in network_blocks(plan)]
+    every = [block.name for block in plan.blocks]
     assert np.isfinite(lesioned_model(TINY["v1_basic_A"], "numpy", params, every)(images)).all()
 
 
@@ -167,14 +167,15 @@ def test_value_gradients_match_finite_differences_on_the_reference():
     images = rng.standard_normal((3, 3, SIZE, SIZE))
     arrays = reference.load_params(plan, init_params(plan, 0, randomize_batch_norm=True))
     objective = Objective.cross_entropy(rng.integers(0, 5, 3), 5)
-    inside = network_blocks(plan)[1].input
+    inside = plan.blocks[1].input
     result = gradients(plan, reference, arrays, images, objective, [INPUT, inside])
     shapes = {INPUT: images.shape, inside: result.value_grads[inside].shape}
     for value in (INPUT, inside):
         direction = rng.standard_normal(shapes[value])
 
         def loss(step, value=value, direction=direction):
-            kept = walk_train(plan, reference, arrays, images, probes={value: step * direction})
+            kept, _ = run_plan_train(plan, reference, arrays, images, momentum=None,
+                                     probes={value: step * direction})
             return objective.value(kept[plan.output])
 
         numeric = (loss(1e-6) - loss(-1e-6)) / 2e-6
@@ -189,7 +190,7 @@ def test_probe_gradients_equal_the_reference_walkers(backend):
     rng = np.random.default_rng(1)
     images = rng.standard_normal((4, 3, SIZE, SIZE))
     params = init_params(plan, 0, randomize_batch_norm=True)
-    values = [INPUT] + [block.input for block in network_blocks(plan)]
+    values = [INPUT] + [block.input for block in plan.blocks]
     objective = Objective("linear", rng.standard_normal((4, 5)))
     results = []
     for name in ("numpy", backend):
@@ -234,7 +235,7 @@ def test_gradflow_reports_every_block_conv_and_3x3_response():
     spec = TINY["v1_basic_A"]
     flow = gradient_flow(spec, "numpy", batch=2, input_size=SIZE, line_points=3)
     plan = make_plan(spec)
-    assert [row["block"] for row in flow.blocks] == [block.name for block in network_blocks(plan)]
+    assert [row["block"] for row in flow.blocks] == [block.name for block in plan.blocks]
     assert [row["conv"] for row in flow.convs] == [op.name for op in plan.ops if op.kind == "conv2d"]
     # v1: the response of each 3x3 conv is the BN after it; at init a train-mode BN makes its deviation ~1
     assert [row["value"] for row in flow.responses] == [row["conv"].replace("conv", "bn") for row in flow.convs]
@@ -287,7 +288,7 @@ def test_the_paths_add_up_to_the_whole_gradient_in_a_linear_view():
     images, labels = rng.standard_normal((3, 3, SIZE, SIZE)), rng.integers(0, 5, 3)
     arrays = reference.load_params(plan, init_params(plan, 0, randomize_batch_norm=True))
     objective = Objective.cross_entropy(labels, 5)
-    target = network_blocks(plan)[0].input
+    target = plan.blocks[0].input
     whole = gradients(plan, reference, arrays, images, objective, [target]).value_grads[target]
     parts = [gradients(plan, reference, arrays, images, objective, [target],
                        detached=[("layer1.0.add", index)]).value_grads[target] for index in (0, 1)]

@@ -32,7 +32,7 @@ def session(source):
 @functools.cache
 def _case(name: str):
     spec = portres.get(name)
-    images, params = parity.parity_case(spec, parity.default_input_size(spec), batch=3, seed=0)
+    images, params = parity.parity_case(spec, parity.parity_input_size(spec), batch=3, seed=0)
     return spec, images, params, portres.build(spec, "numpy", params)(images)
 
 

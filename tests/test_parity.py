@@ -45,7 +45,7 @@ class Cases:
 
     def get(self, name: str, size: int | None = None, batch: int = 2, keep_all: bool = False):
         spec = portres.get(name)
-        key = (name, size or parity.default_input_size(spec), batch, keep_all)
+        key = (name, size or parity.parity_input_size(spec), batch, keep_all)
         if key != self.key:  # tests are ordered network-major, so one entry suffices
             images, params = parity.parity_case(spec, key[1], batch=batch, seed=0)
             self.key, self.value = key, (spec, images, params, parity.Reference(spec, images, params, keep_all))
@@ -234,7 +234,7 @@ def nonfinite_images(images: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name, backend", [(n, b) for n in NONFINITE_NETWORKS for b in FRAMEWORKS])
 def test_nan_and_inf_propagate_exactly_as_in_the_reference(name, backend):
     spec = portres.get(name)
-    images, params = parity.parity_case(spec, parity.default_input_size(spec), batch=4, seed=1)
+    images, params = parity.parity_case(spec, parity.parity_input_size(spec), batch=4, seed=1)
     images = nonfinite_images(images)
     reference = parity.Reference(spec, images, params)
     assert np.isnan(reference.logits[0]).all() and np.isfinite(reference.logits[3]).all()

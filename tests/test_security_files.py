@@ -3,7 +3,7 @@
 Attacks reproduced here (every crafted file or node is made in ``tmp_path`` at run time):
 
 * **Replacing a device or FIFO through the output path.** ``save_weights``, ``write_pth``,
-  ``_atomic_write`` (checkpoints build on it) and ``portres convert`` are pointed at a FIFO,
+  ``atomic_write`` (checkpoints build on it) and ``portres convert`` are pointed at a FIFO,
   a symlink to a FIFO, a symlink to a directory and (as root) a symlink to a private
   character device made with ``mknod`` (never ``/dev/null`` itself: the bug would replace it).
   Each must refuse with one ``WeightsError`` line (``portres: error:`` and exit status 2 from
@@ -29,7 +29,8 @@ from click.testing import CliRunner
 import portres
 from portres.cli import main
 from portres.interop.pth import write_pth
-from portres.weights import WeightsError, _atomic_write, init_params, load_weights, save_weights
+from portres.tensorfiles import atomic_write
+from portres.weights import WeightsError, init_params, load_weights, save_weights
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="FIFOs, device nodes and symlinks are POSIX")
 
@@ -42,7 +43,7 @@ def _writers():
         "safetensors": lambda path: save_weights(path, params),
         "npz": lambda path: save_weights(path, params),
         "pth": lambda path: write_pth(path, params),
-        "atomic": lambda path: _atomic_write(path, lambda file: file.write(b"checkpoint")),
+        "atomic": lambda path: atomic_write(path, lambda file: file.write(b"checkpoint")),
     }
 
 
@@ -117,7 +118,7 @@ def test_a_fifo_appearing_while_writing_is_not_replaced(tmp_path):
         os.mkfifo(path)
 
     with pytest.raises(WeightsError, match="is a FIFO"):
-        _atomic_write(path, write)
+        atomic_write(path, write)
     assert stat.S_ISFIFO(os.lstat(path).st_mode) and [p.name for p in tmp_path.iterdir()] == ["state.ckpt"]
 
 

@@ -31,7 +31,7 @@ import pytest
 from test_train import TINY
 
 from portres import backends
-from portres.training import distributed as parallel
+from portres.training import launch
 
 HAS = set(backends.available())
 needs = {name: pytest.mark.skipif(name not in HAS, reason=f"{name} is not installed") for name in ("mlx", "torch")}
@@ -140,7 +140,7 @@ def test_local_ranks_listen_on_loopback_only(tmp_path, backend):
 
 def test_torch_ranks_are_told_to_bind_loopback_and_serve_no_store(tmp_path):
     # without torch: the environment portres gives torch ranks, which decides what torch binds
-    for environment in parallel.rank_environments("torch", 2, [4001], tmp_path):
+    for environment in launch.rank_environments("torch", 2, [4001], tmp_path):
         assert environment["MASTER_ADDR"] == "127.0.0.1"
         # gloo binds its pairs to this interface (by default: whatever address the host name resolves to)
         assert environment["GLOO_SOCKET_IFNAME"] in ("lo", "lo0")
@@ -170,14 +170,14 @@ def test_a_port_squatted_after_portres_chose_it_is_named_at_once(tmp_path, backe
     with contextlib.ExitStack() as stack:
         squatted = stack.enter_context(_squat()).getsockname()[1]
         if backend == "mlx":
-            free = parallel.choose_ports(1)[0]
+            free = launch.choose_ports(1)[0]
             ports = [free, squatted]
         else:
             ports = [squatted]
         (tmp_path / "tiny.json").write_text(TINY.to_json())
         code = ("import sys\n"
-                "from portres.training import distributed\n"
-                f"distributed.choose_ports = lambda count, first=None: {ports}\n"
+                "from portres.training import launch\n"
+                f"launch.choose_ports = lambda count, first=None: {ports}\n"
                 "from portres.cli import main\n"
                 "main(sys.argv[1:], prog_name='portres')\n")
         result = subprocess.run(
@@ -196,13 +196,13 @@ def test_every_port_is_held_and_a_taken_one_is_named():
     # without MLX or torch: a port taken before the ranks bind it is named; the ones chosen stay held
     with _squat() as squatter:
         taken = squatter.getsockname()[1]
-        free = parallel.choose_ports(1)[0]
+        free = launch.choose_ports(1)[0]
         with pytest.raises(ValueError, match=f"port {taken} on 127.0.0.1 is in use"):
-            parallel.hold_ports([free, taken], "mlx")
-        assert parallel.port_is_free(free)  # released again after the refusal
-    held = parallel.hold_ports([free], "mlx")
+            launch.hold_ports([free, taken], shared=True)
+        assert launch.port_is_free(free)  # released again after the refusal
+    held = launch.hold_ports([free], shared=True)
     try:
-        assert not parallel.port_is_free(free)  # nobody else can take it while the ranks start...
+        assert not launch.port_is_free(free)  # nobody else can take it while the ranks start...
         with socket.socket() as rank:  # ...but an MLX rank binds beside it, as its ring does (SO_REUSEPORT)
             if hasattr(socket, "SO_REUSEPORT"):
                 rank.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -211,4 +211,4 @@ def test_every_port_is_held_and_a_taken_one_is_named():
     finally:
         for hold in held:
             hold.close()
-    assert parallel.port_is_free(free)
+    assert launch.port_is_free(free)

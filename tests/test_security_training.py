@@ -44,10 +44,11 @@ from test_train import TINY, quick, read_metrics, run
 
 import portres.data
 from portres.cli import main
+from portres.tensorfiles import create_temporary
 from portres.training import loop
 from portres.training.checkpoint import KEY, CheckpointError, DescriptionError, RunDirectoryError, load_checkpoint
 from portres.training.loop import TrainingError
-from portres.weights import _create_temporary, save_weights
+from portres.weights import save_weights
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the run directory's lock is flock (POSIX)")
 
@@ -132,7 +133,7 @@ def test_the_train_command_refuses_a_used_directory_in_one_line(tmp_path):
 
 def _stale_temporary(out, name="last.safetensors"):
     """A temporary file exactly as the atomic writer names it, as a writer killed mid-write leaves it."""
-    descriptor, path = _create_temporary(out / name, out, name, True)
+    descriptor, path = create_temporary(out / name, out, name, True)
     os.write(descriptor, b"half a checkpoint")
     os.close(descriptor)
     return path

@@ -7,6 +7,7 @@ import pytest
 
 import portres
 from portres import zoo
+from portres.plan import make_plan
 from portres.spec import ResNetSpec, SpecError, StageSpec, StemSpec
 
 BASE = dict(name="t", block="bottleneck", stages=(StageSpec(2, 16, 1), StageSpec(2, 32, 2)))
@@ -176,8 +177,10 @@ def test_cifar_depth_must_be_6n_plus_2():
 
 def test_groups_must_divide_every_conv_input_too():
     # basic blocks with groups=2 after a 15-channel stem: summary used to print an impossible conv
+    # (checked where the ops are made: make_plan, which every use of a spec goes through)
     with pytest.raises(SpecError, match=r"layer1\.0\.conv1 \(conv2d\): groups=2 does not divide its 15 input"):
-        ResNetSpec(name="odd", block="basic", groups=2, stem=StemSpec(width=15), stages=(StageSpec(1, 16, 1),))
+        make_plan(ResNetSpec(name="odd", block="basic", groups=2, stem=StemSpec(width=15),
+                             stages=(StageSpec(1, 16, 1),)))
 
 
 @pytest.mark.parametrize("make, message", [

@@ -338,12 +338,12 @@ def _disk_full(file):
     (lambda file: json.loads("{"), json.JSONDecodeError, None),  # the writer's own errors pass through
 ])
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp_path, write, error, message):
-    from portres.weights import _atomic_write
+    from portres.tensorfiles import atomic_write
 
     path = tmp_path / "state.bin"
-    _atomic_write(path, lambda file: file.write(b"old"))
+    atomic_write(path, lambda file: file.write(b"old"))
     with pytest.raises(error, match=message) as caught:
-        _atomic_write(path, write)
+        atomic_write(path, write)
     assert ".tmp" not in str(caught.value)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .. import data as datasets
 from ..analysis import summary as count
+from ..plan import make_plan
 from ..records import strict_json
 from ..spec import ResNetSpec
 from ..training.loop import Progress, TrainConfig, TrainingError, network_for, train
@@ -82,11 +83,9 @@ class DegradationConfig:
 
 def main_path_depth(spec: ResNetSpec) -> int:
     """Weight layers on the main path (convs outside the shortcuts, plus the classifier): 20 for resnet20."""
-    from ..plan import make_plan
-
     plan = make_plan(spec)
-    return sum(1 for op in plan.ops if op.kind in ("conv2d", "linear")
-               and "downsample" not in op.name and "shortcut" not in op.name)
+    shortcuts = {name for block in plan.blocks for name in block.shortcut}
+    return sum(1 for op in plan.ops if op.kind in ("conv2d", "linear") and op.name not in shortcuts)
 
 
 def _nets(config: DegradationConfig) -> list:

@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import data as datasets
-from ..model import check_images
-from ..parity import default_input_size
+from ..model import check_images, plan_and_params
+from ..parity import parity_input_size
 from ..plan import INPUT, make_plan
 from ..spec import ResNetSpec
 from ..training.grads import training_backend
-from ..weights import init_params, load_weights
 from ..zoo import resolve
-from .probes import Objective, gradients, network_blocks
+from .probes import Objective, gradients
 
 BATCH = 16  # images in the batch the loss is taken on
 LINE_POINTS = 32  # points on the line of inputs (one batch)
@@ -127,7 +126,7 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
     plan = make_plan(spec)
     rng = np.random.default_rng(seed)
     if images is None:
-        size = input_size or default_input_size(spec)
+        size = input_size or parity_input_size(spec)  # small and quick, as parity checks
         images = rng.standard_normal((batch, spec.in_channels, size, size))
         labels = rng.integers(0, spec.num_classes, batch) if labels is None else labels
     images = np.asarray(images, np.float64)
@@ -139,11 +138,11 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
     if not (isinstance(line_radius, (int, float)) and 0 < line_radius < math.inf):
         raise ValueError(f"line_radius={line_radius!r} must be a number > 0 (e.g. 0.01: 1% of the data's deviation)")
     check_images(plan, images, min_batch=2)
-    params = init_params(plan, seed) if weights is None else load_weights(weights, plan)
+    _, _, params = plan_and_params(spec, weights, seed=seed)
     described = f"init (seed {seed})" if weights is None else (str(weights) if isinstance(weights, str) else "given")
     lowering = training_backend(backend, device, dtype)
     arrays = lowering.load_params(plan, params)
-    blocks = network_blocks(plan)
+    blocks = plan.blocks
     last_output = blocks[-1].output if blocks else plan.features[0][1]
     probed = [block.input for block in blocks] + [last_output]
     responses = _responses(plan)
@@ -157,7 +156,8 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
                         [INPUT, *probed])
 
     norm = lambda array: float(np.linalg.norm(array))  # noqa: E731
-    convs = [{"conv": op.name, "block": _block_of(op.name), "kernel": op.layer.kernel_size,
+    block_of = {op_name: block.name for op_name, block in plan.block_of.items()}  # the stem's convs: "stem"
+    convs = [{"conv": op.name, "block": block_of.get(op.name, "stem"), "kernel": op.layer.kernel_size,
               "grad_norm": norm(on_batch.param_grads[f"{op.name}.weight"]),
               "weight_norm": norm(params[f"{op.name}.weight"])}
              for op in plan.ops if op.kind == "conv2d"]
@@ -166,7 +166,7 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
     rows = []
     for block in blocks:
         own = [row for row in convs if row["block"] == block.name]
-        stds = [row["std"] for row in response_rows if _block_of(row["conv"]) == block.name]
+        stds = [row["std"] for row in response_rows if block_of.get(row["conv"], "stem") == block.name]
         rows.append({"block": block.name, "input": block.input, "grad_norm": norm(on_batch.value_grads[block.input]),
                      "line_correlation": neighbour_correlation(on_line.value_grads[block.input]),
                      "weight_grad_norm": math.sqrt(sum(row["grad_norm"] ** 2 for row in own)),
@@ -182,11 +182,6 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
         convs=convs, responses=response_rows, input_line_correlation=neighbour_correlation(image_grads),
         line_radius=float(line_radius),
         line_gradient=(trace / (np.abs(trace).max() or 1.0)).tolist())
-
-
-def _block_of(op_name: str) -> str:
-    parts = op_name.split(".")
-    return f"{parts[0]}.{parts[1]}" if len(parts) > 2 and parts[0].startswith("layer") else "stem"
 
 
 def data_batch(spec: ResNetSpec, data: str, data_dir=None, batch: int = BATCH, *, fit: bool = True, **options):

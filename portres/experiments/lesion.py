@@ -26,15 +26,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import data as datasets
-from ..model import Model
+from ..model import Model, plan_and_params
 from ..parity import relative_error
-from ..plan import Plan, delete_blocks, fold_batch_norm, make_plan
-from ..training.grads import training_backend
+from ..plan import Plan, delete_blocks, make_plan
+from ..training.grads import training_backend, uses_reference_backward
 from ..training.loop import evaluate
 from ..weights import load_weights
 from ..zoo import resolve
 from .gradflow import family_of
-from .probes import Objective, forward_values, gradients, network_blocks
+from .probes import Objective, forward_values, gradients
 
 DRAWS = 5  # random draws of k deleted blocks per k
 PATH_SAMPLES = 3  # random paths sampled per path length
@@ -44,19 +44,14 @@ PATH_BATCH = 32  # training images the path gradients are measured on
 def deletable_blocks(plan: Plan) -> list[str]:
     """Blocks :func:`delete_blocks` can delete: every residual block; plain blocks that keep the shape."""
     names = []
-    for block in network_blocks(plan):
+    for block in plan.blocks:
         if block.add is not None:
             names.append(block.name)
             continue
-        convs = [plan.op(name).layer for name in block.convs]
+        convs = [op.layer for op in plan.block_ops(block) if op.kind == "conv2d"]
         if all(conv.stride == 1 for conv in convs) and convs[0].in_channels == convs[-1].out_channels:
             names.append(block.name)
     return names
-
-
-def lesioned_params(plan: Plan, params: dict) -> dict:
-    """The entries of ``params`` that ``plan`` (e.g. a lesioned one) still uses."""
-    return {name: params[name] for name in plan.param_shapes()}
 
 
 def lesioned_model(spec, backend: str, params: dict, blocks, *, device: str | None = None,
@@ -68,10 +63,8 @@ def lesioned_model(spec, backend: str, params: dict, blocks, *, device: str | No
     spec = resolve(spec)
     module = backends.load(backend, device)
     lowering = module.Backend(device=device, dtype=dtype)
-    plan = delete_blocks(make_plan(spec), list(blocks))
-    params = lesioned_params(plan, load_weights(params, make_plan(spec)))
-    if module.FOLD_BATCH_NORM if fold is None else fold:
-        plan, params = fold_batch_norm(plan, params)
+    spec, plan, params = plan_and_params(spec, params, fold=module.FOLD_BATCH_NORM if fold is None else fold,
+                                         rewrite=lambda intact: delete_blocks(intact, list(blocks)))
     return Model(spec, lowering, plan, params)
 
 
@@ -88,10 +81,10 @@ def lesion_parity(spec, backends, blocks, *, input_size: int | None = None, batc
                   dtype: str = "float32") -> list[LesionParity]:
     """A lesioned plan on each backend against the float64 reference running the same lesioned plan,
     on the forward-parity case (random input, random BN statistics calibrated to the intact net)."""
-    from ..parity import TOLERANCE, default_input_size, parity_case
+    from ..parity import TOLERANCE, parity_case, parity_input_size
 
     spec = resolve(spec)
-    images, params = parity_case(spec, input_size or default_input_size(spec), batch, seed)
+    images, params = parity_case(spec, input_size or parity_input_size(spec), batch, seed)
     reference = lesioned_model(spec, "numpy", params, blocks, dtype="float64")(images)
     results = []
     for name in backends:
@@ -144,7 +137,7 @@ def path_gradients(plan: Plan, lowering, arrays: dict, images: np.ndarray, label
     and the norm of the loss's gradient at the first residual block's input. Returns the lengths,
     path counts C(n, k), the mean and deviation of the norms, and each length's share of the total
     ``C(n, k) * mean norm``."""
-    residual = [block for block in network_blocks(plan) if block.add is not None]
+    residual = [block for block in plan.blocks if block.add is not None]
     if not residual:
         raise ValueError(f"{plan.spec.name} has no residual blocks: paths exist only in residual networks")
     n = len(residual)
@@ -154,7 +147,7 @@ def path_gradients(plan: Plan, lowering, arrays: dict, images: np.ndarray, label
     target = residual[0].input
     adds = [plan.op(block.add) for block in residual]
     forward = forward_values(plan, lowering, arrays, images, [value for add in adds for value in add.inputs]) \
-        if hasattr(lowering, "value_and_grad") else None
+        if not uses_reference_backward(lowering) else None
     means, stds, drawn = [], [], []
     for k in lengths:
         norms = []
@@ -196,7 +189,7 @@ def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=
     datasets.check_fits(dataset, spec)
     plan = make_plan(spec)
     params = load_weights(weights, plan)
-    blocks = [block.name for block in network_blocks(plan)]
+    blocks = [block.name for block in plan.blocks]
     deletable = deletable_blocks(plan)
     if not deletable:
         raise ValueError(f"{spec.name} has no block that can be deleted (every plain block changes the shape)")
@@ -206,11 +199,9 @@ def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=
     lowering = module.Backend(device=device)
 
     def test_error(deleted) -> float:
-        lesioned = delete_blocks(plan, list(deleted))
-        lesioned_params_ = lesioned_params(lesioned, params)
-        if module.FOLD_BATCH_NORM:
-            lesioned, lesioned_params_ = fold_batch_norm(lesioned, lesioned_params_)
-        arrays = lowering.load_params(lesioned, lesioned_params_)
+        _, lesioned, lesioned_params = plan_and_params(spec, params, fold=module.FOLD_BATCH_NORM,
+                                                       rewrite=lambda intact: delete_blocks(intact, list(deleted)))
+        arrays = lowering.load_params(lesioned, lesioned_params)
         return evaluate(lesioned, lowering, arrays, dataset.test_images, dataset.test_labels, dataset.mean,
                         dataset.std)["top1_error"]
 
@@ -225,7 +216,7 @@ def lesion_study(spec, backend: str, weights, data: str = "digits", *, data_dir=
                             "min": float(np.min(errors)), "max": float(np.max(errors))})
         note(f"{spec.name}: {k} of {len(deletable)} blocks deleted: mean test error {random_rows[-1]['mean']:.4f}")
     paths = {}
-    if any(block.add is not None for block in network_blocks(plan)):
+    if any(block.add is not None for block in plan.blocks):
         # an inference engine (onnxruntime) has no gradients: the float64 reference computes them instead
         gradient_backend, gradient_device = (backend, device) if backend in backends.TRAINABLE else ("numpy", None)
         note(f"{spec.name}: gradient per path length ({path_samples} paths per length, batch {path_batch}, "

@@ -12,7 +12,8 @@ edge): :func:`gradients` with ``detached={(op name, argument index), ...}``. Tha
 :mod:`portres.experiments.lesion` sends the gradient down a single path of a residual network.
 
 Batch norm runs in training mode (each batch's own statistics), as in training; running statistics
-are not updated: nothing here trains.
+are not updated: nothing here trains. The forward pass is the plan's own train-mode walker
+(:func:`portres.plan.run_plan_train` with ``probes`` and ``constants``).
 
     >>> result = gradients(plan, lowering, arrays, images, Objective.cross_entropy(labels, 10), ["layer1.0.relu2"])
     >>> result.value_grads["layer1.0.relu2"].shape
@@ -26,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..analysis import infer_shapes
-from ..plan import INPUT, Plan, apply_op, run_plan_train
+from ..losses import softmax_cross_entropy
+from ..plan import INPUT, Plan, run_plan_train
 from ..training.backprop import backward
-from ..training.grads import differentiable, soft_targets, trainable_names
+from ..training.grads import soft_targets, trainable_names, uses_reference_backward
 
 PROBE = "probe:"  # prefix of the probe arrays among the differentiated arguments
 DETACHED = "@detached"  # suffix of the value name an op reads instead of a detached input
@@ -62,9 +63,7 @@ class Objective:
 
     def value(self, logits: np.ndarray) -> float:
         if self.kind == "cross_entropy":
-            shifted = logits - logits.max(1, keepdims=True)
-            log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-            return float(-(self.targets * log_probabilities).sum(1).mean())
+            return float(softmax_cross_entropy(logits, self.targets))
         return float((logits * self.targets).sum())
 
 
@@ -74,36 +73,6 @@ class Gradients:
     value_grads: dict  # value name -> gradient (NumPy, NCHW), one per value asked for
     param_grads: dict  # trainable parameter -> gradient (NumPy, OIHW), when asked for
     kept: dict  # value name -> forward value (NumPy), one per value in ``keep``
-
-
-def walk_train(plan: Plan, primitives, params: dict, x, *, probes: dict | None = None,
-               constants: dict | None = None, keep=()) -> dict:
-    """The train-mode forward pass of :func:`portres.plan.run_plan_train` (same primitives, same
-    order) with two additions: ``probes`` (value name -> array added to the value once written;
-    ``INPUT`` too) and ``constants`` (value name -> array an op may read, e.g. a detached copy).
-    Returns ``{value name: array}`` for the output and ``keep``."""
-    probes, constants = probes or {}, constants or {}
-    wanted = set(keep) | {plan.output}
-    values = {**constants, INPUT: primitives.add(x, probes[INPUT]) if INPUT in probes else x}
-    kept = {INPUT: values[INPUT]} if INPUT in wanted else {}
-    last_use = plan.last_uses()
-    for index, op in enumerate(plan.ops):
-        args = [values[name] for name in op.inputs]
-        if op.kind == "batch_norm":
-            name = op.name
-            result = primitives.batch_norm_train(args[0], params[f"{name}.weight"], params[f"{name}.bias"],
-                                                 op.layer.eps)[0]
-        else:
-            result = apply_op(primitives, op, args, params)
-        if op.output in probes:
-            result = primitives.add(result, probes[op.output])
-        values[op.output] = result
-        if op.output in wanted:
-            kept[op.output] = result
-        for name in set(op.inputs):
-            if last_use[name] == index and name not in constants:
-                del values[name]
-    return kept
 
 
 def detach_inputs(plan: Plan, detached) -> Plan:
@@ -122,7 +91,7 @@ def forward_values(plan: Plan, lowering, arrays: dict, images: np.ndarray, value
     """The train-mode forward values named in ``values`` (every value if None), as NumPy arrays: pass
     them to :func:`gradients` as ``forward`` to differentiate several times after one forward pass."""
     values = tuple(op.output for op in plan.ops) + (INPUT,) if values is None else tuple(values)
-    kept = walk_train(plan, lowering, arrays, lowering.from_numpy(images), keep=values)
+    kept, _ = run_plan_train(plan, lowering, arrays, lowering.from_numpy(images), momentum=None, keep=values)
     return {value: lowering.to_numpy(kept[value]) for value in values}
 
 
@@ -141,7 +110,7 @@ def gradients(plan: Plan, lowering, arrays: dict, images: np.ndarray, objective:
     values, keep = list(dict.fromkeys(values)), list(dict.fromkeys(keep))
     rewired = detach_inputs(plan, detached) if detached else plan
     detached_values = sorted({plan.op(name).inputs[index] for name, index in detached})
-    if not hasattr(lowering, "value_and_grad"):
+    if uses_reference_backward(lowering):
         return _reference(plan, rewired, lowering, arrays, images, objective, values, keep, detached_values,
                           param_grads, forward)
     x = lowering.from_numpy(images)
@@ -150,17 +119,17 @@ def gradients(plan: Plan, lowering, arrays: dict, images: np.ndarray, objective:
         if forward is None or any(value not in forward for value in detached_values):
             forward = forward_values(plan, lowering, arrays, images, detached_values)
         constants = {value + DETACHED: lowering.from_numpy(forward[value]) for value in detached_values}
-    shapes = infer_shapes(plan, images.shape[2:])
+    shapes = plan.shapes(images.shape[2:])
     probes = {PROBE + value: lowering.from_numpy(np.zeros((images.shape[0], *shapes[value]))) for value in values}
     names = trainable_names(plan) if param_grads else []
     fixed = {name: value for name, value in arrays.items() if name not in names}
     targets = lowering.from_numpy(objective.targets)
-    differentiated = differentiable(lowering)
+    differentiated = lowering.for_gradients()  # the whole batch on one stream: probes see every image
 
     def objective_fn(arguments):
         params = {**fixed, **{name: arguments[name] for name in names}}
-        kept = walk_train(rewired, differentiated, params, x, constants=constants, keep=keep,
-                          probes={value: arguments[PROBE + value] for value in values})
+        kept, _ = run_plan_train(rewired, differentiated, params, x, momentum=None, keep=keep, constants=constants,
+                                 probes={value: arguments[PROBE + value] for value in values})
         logits = kept[plan.output] if plan.output in keep else kept.pop(plan.output)
         return objective.on(differentiated, logits, targets), kept
 
@@ -200,29 +169,3 @@ def _reference(plan, rewired, lowering, arrays, images, objective, values, keep,
         value_grads[value] = np.zeros_like(forward[value])
     return Gradients(objective.value(logits), value_grads, grads if param_grads else {},
                      {v: forward[v] for v in keep})
-
-
-@dataclass(frozen=True)
-class Block:
-    """One block of a plan, as the experiments see it."""
-
-    name: str  # "layer2.0"
-    input: str  # the value it reads
-    output: str  # the value it writes
-    add: str | None  # its add op (None in a plain network)
-    convs: tuple[str, ...]  # its conv ops, in plan order (projection shortcuts included)
-
-
-def network_blocks(plan: Plan) -> list[Block]:
-    """Every block of ``plan`` (ops named ``layerS.B.*``), in order."""
-    members: dict[str, list] = {}
-    for op in plan.ops:
-        parts = op.name.split(".")
-        if len(parts) > 2 and parts[0].startswith("layer"):
-            members.setdefault(f"{parts[0]}.{parts[1]}", []).append(op)
-    blocks = []
-    for name, ops in members.items():
-        add = next((op.name for op in ops if op.kind == "add"), None)
-        blocks.append(Block(name, ops[0].inputs[0], ops[-1].output, add,
-                            tuple(op.name for op in ops if op.kind == "conv2d")))
-    return blocks

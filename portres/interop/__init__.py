@@ -5,6 +5,8 @@ conversion is proved numerically by the parity suite, like everything else here.
 * :mod:`portres.interop.pth`: ``read_pth``, ``inspect_pth`` and ``write_pth`` for ``torch.save``
   checkpoints (``.pth``/``.pt``/``.bin``), read by an unpickler that runs nothing from the file;
   ``load_weights`` and ``save_weights`` use it for those suffixes.
+* :mod:`portres.interop.convert`: ``convert_weights`` from one file format to another, checked
+  against a network on the way (``portres convert``).
 * Naming schemes (layouts): :mod:`~portres.interop.timm`, :mod:`~portres.interop.keras` and
   :mod:`~portres.interop.mlxim` each hold one pure function of a plan, ``name_map(plan) ->
   {foreign name: (portres name, Transform)}``; ``load_weights(source, spec, layout=...)`` reads
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..plan import Plan, as_plan
+from ..tensorfiles import WeightsError
 from .pth import CheckpointInfo, inspect_pth, read_pth, write_pth
 
 LAYOUTS = ("torchvision", "timm", "keras", "mlxim")  # the naming schemes load_weights reads, besides "auto"
@@ -193,8 +196,6 @@ def detect(names: Collection[str], spec, layout: str = "auto") -> Scheme:
         >>> detect(["conv1_conv/kernel", ...], portres.get("keras_resnet50")).layout
         'keras'
     """
-    from ..weights import WeightsError
-
     plan = as_plan(spec)
     names = list(names)
     candidates = schemes(layout)

@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..plan import INPUT, Op, Plan
-from ..weights import _ZIP_ERRORS, WeightsError, _Entry
+from ..tensorfiles import KERAS_FORMATS, ZIP_ERRORS, Entry, WeightsError
 from . import HWIO, IDENTITY, IN_OUT, NameMap, NotApplicable, Transform
 
-KERAS_FORMATS = (".h5", ".keras")  # suffixes read by h5_entries
+__all__ = ["KERAS_FORMATS", "KerasLayer", "h5_entries", "keras_graph", "keras_layer_order", "name_map",
+           "positional_name_map"]  # KERAS_FORMATS: the suffixes h5_entries reads
 _VARIABLES = {  # per Keras layer class: (Keras variable, portres suffix), in Keras' creation order
     "Conv2D": (("kernel", "weight"), ("bias", "bias")),
     "BatchNormalization": (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
@@ -226,8 +227,8 @@ def _attribute_list(group, name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def h5_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, _Entry]]:
-    """The tensors of a Keras ``.h5`` / ``.weights.h5`` / ``.keras`` file open as ``file`` (weights.py's hook).
+def h5_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, Entry]]:
+    """The tensors of a Keras ``.h5`` / ``.weights.h5`` / ``.keras`` file open as ``file``.
 
     A legacy file (``layer_names`` attribute) yields ``"layer/variable"`` names; a Keras 3 file
     yields its dataset paths (``layers/conv2d/vars/0``). Data is read only when asked for.
@@ -240,7 +241,7 @@ def h5_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, _Entry]]:
         except KeyError:
             raise WeightsError(f"{path}: a .keras archive without model.weights.h5; save the model with "
                                "Keras 3's model.save()") from None
-        except _ZIP_ERRORS as error:
+        except ZIP_ERRORS as error:
             raise WeightsError(f"{path}: not a valid .keras archive ({type(error).__name__}: {error})") from None
     try:
         h5 = h5py.File(file, "r")
@@ -250,14 +251,14 @@ def h5_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, _Entry]]:
         yield _h5_tensors(path, h5py, h5)
 
 
-def _h5_tensors(path: Path, h5py, h5) -> dict[str, _Entry]:
-    def entry(dataset) -> _Entry:
+def _h5_tensors(path: Path, h5py, h5) -> dict[str, Entry]:
+    def entry(dataset) -> Entry:
         if not isinstance(dataset, h5py.Dataset):
             raise WeightsError(f"{path}: {dataset.name} is not a tensor")
-        return _Entry(tuple(dataset.shape), dataset.dtype, lambda: _read(path, dataset))
+        return Entry(tuple(dataset.shape), dataset.dtype, lambda: _read(path, dataset))
 
     root = h5["model_weights"] if isinstance(h5.get("model_weights"), h5py.Group) else h5  # a whole saved model
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     layer_names = _attribute_list(root, "layer_names")
     if layer_names:  # legacy: each layer's group lists its variables' names
         for layer in layer_names:

@@ -25,6 +25,8 @@ import json
 
 import numpy as np
 
+from ..backends.base import Forwarding
+
 OPSET = 17  # default opset: every onnxruntime >= 1.12 runs it; what this builder writes is the same from 13 on
 OPSETS = range(13, 22)  # opsets export_onnx writes (13: Pad/Slice/Reshape inputs; 21: onnxruntime 1.18's newest)
 INPUT_NAME = "input"  # the graph's input: NCHW images
@@ -291,10 +293,14 @@ class OnnxGraphBuilder:
         return self.node("Gemm", [self._operand(x), self._operand(weight), self._operand(bias)], transB=1)
 
 
-class _Scoped:
+
+
+class _Scoped(Forwarding):
     """The builder as :func:`run_plan` sees it during an export: each op's nodes are named after
     the op, and its output value gets the plan's value name (``layer1.0.bn1``), so the graph
     reads like the plan and stage outputs can be found by name."""
+
+    name = "onnx export"
 
     def __init__(self, builder: OnnxGraphBuilder):
         self.builder = builder  # where the nodes go
@@ -305,13 +311,9 @@ class _Scoped:
         self.op, self.first_node = op, len(self.builder.nodes)
         self.builder.scope = op.name
 
-    def __getattr__(self, name):
-        primitive = getattr(self.builder, name)
-
-        def named(*args):
-            return self.builder.rename(primitive(*args), self.op.output, since=self.first_node)
-
-        return named
+    def call_primitive(self, primitive: str, *args):
+        out = getattr(self.builder, primitive)(*args)
+        return self.builder.rename(out, self.op.output, since=self.first_node)
 
 
 def trace_plan(plan, params: dict, *, dtype: str = "float32", opset: int = OPSET, input_size=None,
@@ -351,23 +353,17 @@ def export_onnx(spec, params=None, path=None, *, fold_batch_norm: bool = True, o
 
         >>> model = export_onnx("resnet18", "resnet18.safetensors", "resnet18.onnx")
     """
-    from ..model import resolve_spec
-    from ..plan import fold_batch_norm as fold_plan
-    from ..plan import make_plan
-    from ..weights import _atomic_write, init_params, load_weights
+    from ..model import plan_and_params
+    from ..tensorfiles import atomic_write
 
     onnx = _onnx()
-    spec = resolve_spec(spec)
-    plan = make_plan(spec)
-    params = init_params(plan, seed) if params is None else load_weights(params, plan)
-    if fold_batch_norm:
-        plan, params = fold_plan(plan, params)
+    spec, plan, params = plan_and_params(spec, params, seed=seed, fold=fold_batch_norm)
     model = trace_plan(plan, params, opset=opset, input_size=input_size)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)  # value_info for viewers
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         data = model.SerializeToString()
-        _atomic_write(path, lambda file: file.write(data))
+        atomic_write(path, lambda file: file.write(data))
     return model
 
 

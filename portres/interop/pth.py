@@ -55,18 +55,19 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..weights import (
-    _TORCH_FORMATS,
-    _ZIP_ERRORS,
+from ..tensorfiles import (
+    TORCH_FORMATS,
+    ZIP_ERRORS,
+    Entry,
     WeightsError,
-    _atomic_write,
-    _checked_for_saving,
-    _Entry,
-    _open_weights_file,
-    _read_array,
+    atomic_write,
+    checked_for_saving,
+    is_count,
+    open_regular_file,
+    read_array,
 )
 
-SUFFIXES = _TORCH_FORMATS  # what load_weights and save_weights treat as a torch checkpoint
+SUFFIXES = TORCH_FORMATS  # what load_weights and save_weights treat as a torch checkpoint
 
 # torch's storage classes: the dtype of their bytes in NumPy and torch's name for it.
 # bfloat16 has no NumPy dtype: its bytes are read as uint16 and widened to float32.
@@ -231,7 +232,7 @@ class _Unpickler(pickle._Unpickler):
         _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, _StorageType):
             raise _Refused(f"a storage of type {_short(kind)}")
-        if not (isinstance(key, str) and isinstance(location, str) and _is_count(numel)):
+        if not (isinstance(key, str) and isinstance(location, str) and is_count(numel)):
             raise _Refused(f"the malformed storage id {_short(pid)}")
         if self._legacy and pid[5] is not None:
             raise _Refused("a storage view (written by torch < 1.0); load it with torch and re-save it")
@@ -278,10 +279,6 @@ def _global_name(module, name) -> str:
         if python3 != (module, name):
             return f"{written} (Python 3: {'.'.join(python3)})"
     return written
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _short(value) -> str:
@@ -337,7 +334,7 @@ def read_pth(path) -> dict[str, np.ndarray]:
         >>> read_pth("resnet50-0676ba61.pth")["conv1.weight"].shape
         (64, 3, 7, 7)
     """
-    with _open_weights_file(path, ".pth") as entries:
+    with _open_checkpoint(path) as entries:
         return {name: entry.read() for name, entry in entries.items()}
 
 
@@ -347,8 +344,16 @@ def inspect_pth(path) -> CheckpointInfo:
         >>> inspect_pth("ddp.pth").stripped_prefix
         'module.'
     """
-    with _open_weights_file(path, ".pth") as entries:
+    with _open_checkpoint(path) as entries:
         return entries.info
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path) -> Iterator[_Entries]:
+    # read as a torch checkpoint whatever the suffix (checkpoint.pth.tar, model.ckpt)
+    path = Path(path)
+    with open_regular_file(path) as file, checkpoint_entries(path, file) as entries:
+        yield entries
 
 
 class _Entries(dict):
@@ -358,14 +363,14 @@ class _Entries(dict):
 
 
 @contextlib.contextmanager
-def checkpoint_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, _Entry]]:
-    """The validated entries of the torch checkpoint open as ``file`` (weights.py's hook)."""
+def checkpoint_entries(path: Path, file: BinaryIO) -> Iterator[dict[str, Entry]]:
+    """The validated entries of the torch checkpoint open as ``file`` (``portres.weights.open_weights_file``'s hook)."""
     head = file.read(512)
     file.seek(0)
     if head.startswith(b"PK"):
         try:
             archive = zipfile.ZipFile(file)
-        except _ZIP_ERRORS as error:
+        except ZIP_ERRORS as error:
             raise WeightsError(f"{path}: a zip archive that cannot be read ({type(error).__name__}: {error}); "
                                "the file is truncated or corrupt: download or save it again") from None
         with archive:
@@ -408,13 +413,13 @@ def _zip_entries(path: Path, archive: zipfile.ZipFile) -> _Entries:
     if f"{prefix}/byteorder" in members:
         try:
             byteorder = archive.read(f"{prefix}/byteorder")[:16].decode("ascii")
-        except (*_ZIP_ERRORS, UnicodeDecodeError) as error:
+        except (*ZIP_ERRORS, UnicodeDecodeError) as error:
             raise bad(f"unreadable byteorder record ({type(error).__name__}: {error})") from None
         if byteorder not in ("little", "big"):
             raise bad(f"byteorder record {byteorder!r} is neither 'little' nor 'big'")
     try:
         pickled = archive.read(pickle_info)
-    except _ZIP_ERRORS as error:
+    except ZIP_ERRORS as error:
         raise bad(f"{prefix}/data.pkl cannot be read ({type(error).__name__}: {error}): truncated or corrupt") from None
     unpickler = _Unpickler(io.BytesIO(pickled), legacy=False)
     root = _unpickle(path, unpickler, "data.pkl")
@@ -440,8 +445,8 @@ def _read_zip_span(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, 
     try:
         with archive.open(info) as member:
             member.seek(start * dtype.itemsize)
-            return _read_array(member, (count,), dtype)
-    except _ZIP_ERRORS as error:
+            return read_array(member, (count,), dtype)
+    except ZIP_ERRORS as error:
         raise WeightsError(f"{path}: record {info.filename} is corrupt ({type(error).__name__}: {error})") from None
 
 
@@ -494,7 +499,7 @@ def _legacy_entries(path: Path, file: BinaryIO) -> _Entries:
 def _read_file_span(path: Path, file: BinaryIO, base: int, dtype: np.dtype, start: int, count: int) -> np.ndarray:
     try:
         file.seek(base + start * dtype.itemsize)
-        return _read_array(file, (count,), dtype)
+        return read_array(file, (count,), dtype)
     except (OSError, EOFError) as error:
         raise WeightsError(f"{path}: cannot read its tensors ({type(error).__name__}: {error})") from None
 
@@ -555,7 +560,7 @@ def _make_entries(path: Path, state: Mapping, located: dict[str, _Located], byte
     for name, tensor in state.items():
         shape, stride, offset = tensor.shape, tensor.stride, tensor.offset
         if not (isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride)
-                and all(_is_count(v) for v in (*shape, *stride, offset))):
+                and all(is_count(v) for v in (*shape, *stride, offset))):
             raise WeightsError(f"{path}: tensor {name!r} has a malformed shape {_short(shape)}, stride "
                                f"{_short(stride)} or offset {_short(offset)}")
         storage = tensor.storage
@@ -579,7 +584,7 @@ def _make_entries(path: Path, state: Mapping, located: dict[str, _Located], byte
         dtype = np.dtype(np.float32) if torch_name == "bfloat16" else file_dtype.newbyteorder("=")
         read = functools.partial(_read_tensor, located[storage.key], file_dtype, torch_name == "bfloat16",
                                  tensor.negative, offset, extent, shape, stride)
-        entries[name] = _Entry(tuple(shape), dtype, read, torch_name)
+        entries[name] = Entry(tuple(shape), dtype, read, torch_name)
         described[name] = (tuple(shape), torch_name)
     entries.info = dataclasses.replace(info, tensors=described)
     return entries
@@ -665,7 +670,8 @@ def write_pth(path, params: Mapping[str, np.ndarray], *, bfloat16: bool | Collec
         >>> write_pth("/tmp/r20.pth", portres.init_params(portres.get("resnet20")))
     """
     path = Path(path)
-    arrays = _checked_for_saving(path, params, ".pth")
+    arrays = checked_for_saving(path, params, ".pth", storable_dtypes=_NUMPY_TO_STORAGE,
+                                format_name="a torch checkpoint")
     if isinstance(bfloat16, str) or not isinstance(bfloat16, (bool, Collection)):
         raise WeightsError(f"bfloat16 is True, False or a collection of tensor names, not {bfloat16!r}")
     if not isinstance(bfloat16, bool) and (unknown := set(bfloat16) - set(arrays)):
@@ -687,7 +693,16 @@ def write_pth(path, params: Mapping[str, np.ndarray], *, bfloat16: bool | Collec
                            f"3.39e+38): {', '.join(too_large)}")
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=2).dump(collections.OrderedDict(storages))
-    _atomic_write(path, lambda file: _write_zip(file, buffer.getvalue(), payloads))
+    atomic_write(path, lambda file: _write_zip(file, buffer.getvalue(), payloads))
+
+
+def round_to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """``array``'s values as a bfloat16 checkpoint stores them (round half to even), as float32.
+
+        >>> round_to_bfloat16(np.array([1.0 + 2.0**-9], np.float32))
+        array([1.], dtype=float32)
+    """
+    return (_to_bfloat16_bits(array).astype(np.uint32) << 16).view(np.float32)
 
 
 def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

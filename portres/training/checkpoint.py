@@ -2,10 +2,12 @@
 
 Tensors: the model's parameters and BN statistics under their usual names (so a checkpoint is
 also a weights file: ``load_weights`` skips the rest) and the optimiser's slots under
-``optimizer/<slot>.<parameter>``. Metadata (``portres.checkpoint``, JSON): the spec, the
-training recipe, the optimiser's configuration, the position (epoch, batch, step), the running
-sums of the epoch in progress, and the metrics so far. There are no RNG states to save: data
-order and augmentation are pure functions of (seed, epoch, batch) - see ``portres.data.batches``.
+``optimizer/<slot>.<parameter>``: a ``TrainState`` (``portres.training.state``) flattened, here
+and nowhere else (:func:`state_tensors`, and back :func:`split_tensors`). Metadata
+(``portres.checkpoint``, JSON): the spec, the training recipe, the optimiser's configuration, the
+position (epoch, batch, step), the running sums of the epoch in progress, and the metrics so far.
+There are no RNG states to save: data order and augmentation are pure functions of (seed, epoch,
+batch) - see ``portres.data.batches``.
 
 Files are written atomically (a unique temporary file, fsync, rename), so a crash or kill -9
 while writing leaves the previous checkpoint intact.
@@ -18,8 +20,8 @@ A run directory is held by one run at a time (:func:`run_directory`: an exclusiv
 ``OUT/.portres.lock``, which holds the holder's PID); the holder removes the temporary files a
 killed writer left, and a new run refuses a directory that already holds something.
 
-    >>> save_checkpoint("runs/r20/last.safetensors", state, metadata)
-    >>> state, metadata = load_checkpoint("runs/r20/last.safetensors")
+    >>> save_checkpoint("runs/r20/last.safetensors", state_tensors(numpy_state), metadata)
+    >>> tensors, metadata = load_checkpoint("runs/r20/last.safetensors")
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plan import make_plan
 from ..spec import ResNetSpec, SpecError
-from ..weights import TRAINING_STATE, WeightsError, _open_weights_file, capped, read_metadata, save_weights
+from ..weights import TRAINING_STATE, WeightsError, capped, open_weights_file, read_metadata, save_weights
+from .config import check_recipe
+from .optim import from_config
+from .state import TrainState
 
 try:
     import fcntl
@@ -44,6 +50,8 @@ except ImportError:  # Windows: no flock; runs there are not protected from a co
 
 KEY = "portres.checkpoint"  # the metadata entry holding the JSON description
 VERSION = 1  # bumped when the layout changes
+LAST, BEST = "last.safetensors", "best.safetensors"  # a run directory's checkpoints: to resume from, the best weights
+RUN_FILES = (LAST, BEST, "metrics.jsonl", "summary.json", "curves.png")  # what a run writes in its directory
 
 
 class CheckpointError(ValueError):
@@ -59,10 +67,30 @@ class RunDirectoryError(ValueError):
     """An output directory a run may not write: another run holds it, or it holds something that would be lost."""
 
 
-def save_checkpoint(path, state: dict[str, np.ndarray], metadata: dict) -> None:
-    """Write ``state`` (NumPy arrays) and ``metadata`` (JSON-able) to ``path`` atomically."""
+def state_tensors(state: TrainState, *, slots: bool = True) -> dict:
+    """The tensors a checkpoint stores for ``state``: parameters and BN buffers under their names, and (with
+    ``slots``) the optimiser's slots under ``optimizer/<slot>.<parameter>``.
+
+        >>> sorted(state_tensors(TrainState({"fc.weight": w}, {}, {"momentum_buffer.fc.weight": b})))
+        ['fc.weight', 'optimizer/momentum_buffer.fc.weight']
+    """
+    stored = {**state.params, **state.buffers}
+    if slots:
+        stored.update({TRAINING_STATE + name: value for name, value in state.slots.items()})
+    return stored
+
+
+def split_tensors(tensors: dict) -> tuple[dict, dict]:
+    """``(model parameters and BN buffers, optimiser slots without their prefix)`` of a checkpoint's tensors."""
+    model = {name: value for name, value in tensors.items() if not name.startswith(TRAINING_STATE)}
+    slots = {name[len(TRAINING_STATE):]: value for name, value in tensors.items() if name.startswith(TRAINING_STATE)}
+    return model, slots
+
+
+def save_checkpoint(path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    """Write ``tensors`` (NumPy arrays: :func:`state_tensors`) and ``metadata`` (JSON-able) to ``path`` atomically."""
     description = json.dumps({"version": VERSION, **metadata}, allow_nan=False)
-    save_weights(path, state, metadata={KEY: description})
+    save_weights(path, tensors, metadata={KEY: description})
 
 
 def read_description(path) -> dict:
@@ -96,11 +124,25 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     """``(state, description)`` from ``path``: every tensor as stored (float64 stays float64)."""
     description = read_description(path)
     try:
-        with _open_weights_file(Path(path)) as entries:
+        with open_weights_file(Path(path)) as entries:
             state = {name: entry.read() for name, entry in entries.items()}
     except WeightsError as error:
         raise CheckpointError(f"{path} is corrupt: {error}") from None
     return state, description
+
+
+def checkpoint_hint(out) -> str:
+    """Where a stopped run in ``out`` can continue from: its last checkpoint, or that none was written yet.
+
+        >>> checkpoint_hint("runs/r20")
+        '; the last checkpoint runs/r20/last.safetensors (step 120) is intact: continue with --resume'
+    """
+    path = Path(out) / LAST
+    try:
+        step = read_description(path)["position"]["step"]
+    except (CheckpointError, KeyError, TypeError):
+        return f"; no checkpoint was written to {path} yet"
+    return f"; the last checkpoint {path} (step {step}) is intact: continue with --resume"
 
 
 # -- the description's fields ----------------------------------------------------------------------
@@ -184,17 +226,13 @@ def _check_description(path, description: dict) -> None:
         raise _bad(path, "metrics", f"must hold one record per finished epoch ({position['epoch']}), "
                                     f"got {len(description['metrics'])}")
     try:
-        ResNetSpec.from_dict(description["spec"])
+        make_plan(ResNetSpec.from_dict(description["spec"]))  # the ops too: a spec can be valid field by field only
     except SpecError as error:
         raise _bad(path, "spec", f"is not a valid network: {error}") from None
-    from .optim import from_config
-
     try:
         from_config(description["optimizer"])
     except (TypeError, ValueError) as error:
         raise _bad(path, "optimizer", f"is not a valid optimiser: {error}") from None
-    from .loop import check_recipe  # the loop owns TrainConfig; imported here, as loop imports this module
-
     check_recipe(path, description["config"], bad=lambda field, problem: _bad(path, field, problem))
     if position["epoch"] > description["config"]["epochs"]:
         raise _bad(path, "position.epoch", f"must be at most config.epochs ({description['config']['epochs']}), "
@@ -304,7 +342,7 @@ def _lock(out: Path) -> int:
 
 def _remove_stale_temporaries(out: Path, outputs: tuple[str, ...]) -> None:
     """Delete what a writer killed mid-write left: ``.<name[:32]>.<16 hex digits>.tmp`` (the names
-    ``weights._create_temporary`` gives) for this run's own ``outputs``, nothing else."""
+    ``tensorfiles.create_temporary`` gives) for this run's own ``outputs``, nothing else."""
     names = "|".join(re.escape(name[:32]) for name in outputs)
     temporary = re.compile(rf"\.(?:{names})\.[0-9a-f]{{16}}\.tmp")
     for entry in out.iterdir():

@@ -63,19 +63,6 @@ def training_backend(backend: str, device: str | None = None, dtype: str | None 
     return lowering
 
 
-def differentiable(lowering):
-    """The variant of a backend that training differentiates (e.g. MLX computes strided convs as
-    GEMMs, whose gradients are fast); the backend itself where it has none."""
-    return getattr(lowering, "for_gradients", lambda: lowering)()
-
-
-def training_view(lowering):
-    """The variant a training step runs: ``differentiable``, or the backend's own training view where
-    it has one (MLX on several CPU streams splits the batch across them; its activations are then
-    the backend's own and only the logits come out)."""
-    return getattr(lowering, "for_training", lambda: differentiable(lowering))()
-
-
 def trainable_names(plan: Plan) -> list[str]:
     return [name for name, (_, trainable) in plan.param_shapes().items() if trainable]
 
@@ -87,9 +74,10 @@ def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
     """``f(trainable, buffers, images, targets) -> (loss, logits, running_stats, grads)`` on backend
     arrays: the one definition of a training forward and backward, for :func:`loss_and_grads` and
     the train step. Frameworks differentiate it with their autodiff (``value_and_grad``); the NumPy
-    reference runs it forward keeping every value and chains its hand-written backward primitives.
+    reference runs it forward keeping every value and chains its hand-written backward primitives
+    (which of the two: :func:`uses_reference_backward`).
     """
-    if not hasattr(lowering, "value_and_grad"):
+    if uses_reference_backward(lowering):
         def reference(trainable, buffers, images, targets):
             every_value = tuple(op.output for op in plan.ops) + (INPUT,)
             arrays = {**trainable, **buffers}
@@ -102,7 +90,7 @@ def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
 
         return reference
 
-    differentiated = training_view(lowering)
+    differentiated = lowering.for_training()
 
     def loss_fn(trainable, buffers, images, targets):
         values, running_stats = run_plan_train(plan, differentiated, {**trainable, **buffers}, images,
@@ -151,3 +139,13 @@ def loss_and_grads(spec, backend: str, params, images, labels, *, device: str | 
         raise FloatingPointError(f"the loss is {loss}: inputs or weights hold NaN/inf, or the network overflows")
     return (loss, {name: lowering.to_numpy(grads[name]) for name in trainable},
             {name: lowering.to_numpy(value) for name, value in running_stats.items()})
+
+
+def uses_reference_backward(lowering) -> bool:
+    """Whether gradients on ``lowering`` come from portres's hand-written backward (the NumPy reference)
+    rather than the framework's autodiff: the one place that choice is made.
+
+        >>> uses_reference_backward(training_backend("numpy")), uses_reference_backward(training_backend("mlx"))
+        (True, False)
+    """
+    return not lowering.autodiff

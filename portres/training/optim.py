@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .checks import require
+
 DecayFilter = Callable[[str, tuple], bool]  # (parameter name, shape) -> apply weight decay to it?
 
 
@@ -45,11 +47,6 @@ def no_decay_for_norms_and_biases(name: str, shape: tuple) -> bool:
 
 
 DECAY_FILTERS = {f.__name__: f for f in (decay_all, no_decay_for_norms_and_biases)}
-
-
-def _check(condition: bool, argument: str, value, requirement: str) -> None:
-    if not condition:
-        raise ValueError(f"{argument}={value!r}: {requirement}")
 
 
 def _check_trees(params: dict, grads: dict, state: dict, slots: tuple[str, ...]) -> None:
@@ -93,9 +90,9 @@ class SGD(_Optimizer):
     decay_filter: DecayFilter = decay_all  # which parameters weight decay applies to
 
     def __post_init__(self) -> None:
-        _check(self.momentum >= 0, "momentum", self.momentum, "must be >= 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
+        require(self.momentum >= 0, "momentum", self.momentum, "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -128,11 +125,11 @@ class AdamW(_Optimizer):
     slots = ("exp_avg", "exp_avg_sq")
 
     def __post_init__(self) -> None:
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
                "must be two numbers in [0, 1)")
         object.__setattr__(self, "betas", tuple(self.betas))  # a list from JSON compares equal to the tuple
-        _check(self.eps >= 0, "eps", self.eps, "must be >= 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.eps >= 0, "eps", self.eps, "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
 
     def update(self, params: dict, grads: dict, state: dict, lr, step) -> tuple[dict, dict]:
         """One step: returns ``(new_params, new_state)``; ``step`` is 1-based (1 for the first update)."""
@@ -164,16 +161,16 @@ def from_config(config: dict, decay_filter: DecayFilter | None = None) -> SGD | 
     """
     fields = dict(config)
     cls = OPTIMIZERS.get(fields.pop("optimizer", None))
-    _check(cls is not None, "optimizer", config.get("optimizer"), f"must be one of {sorted(OPTIMIZERS)}")
+    require(cls is not None, "optimizer", config.get("optimizer"), f"must be one of {sorted(OPTIMIZERS)}")
     known = set(cls.__dataclass_fields__)
-    _check(set(fields) <= known, "config", sorted(set(fields) - known), f"unknown {cls.__name__} fields")
+    require(set(fields) <= known, "config", sorted(set(fields) - known), f"unknown {cls.__name__} fields")
     name = fields.get("decay_filter")
     if decay_filter is not None:
-        _check(name in (None, decay_filter.__name__), "decay_filter", decay_filter.__name__,
+        require(name in (None, decay_filter.__name__), "decay_filter", decay_filter.__name__,
                f"the configuration was made with {name!r}")
         fields["decay_filter"] = decay_filter
     elif name is not None:
-        _check(name in DECAY_FILTERS, "decay_filter", name,
+        require(name in DECAY_FILTERS, "decay_filter", name,
                f"is not built in ({sorted(DECAY_FILTERS)}); pass the function: from_config(config, decay_filter=f)")
         fields["decay_filter"] = DECAY_FILTERS[name]
     return cls(**fields)

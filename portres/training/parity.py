@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..parity import default_input_size, relative_error
+from ..parity import parity_input_size, relative_error
 from ..plan import make_plan
 from ..weights import init_params
 from .grads import loss_and_grads, trainable_names
@@ -178,7 +178,7 @@ def check_grads(spec, backends, *, input_size: int | None = None, batch: int = 4
     if dtype not in TOLERANCES:
         raise ValueError(f"gradient parity runs in {' or '.join(TOLERANCES)}, not {dtype!r}")
     plan = make_plan(spec)
-    images, labels, params = gradient_case(plan.spec, input_size or default_input_size(plan.spec), batch, seed)
+    images, labels, params = gradient_case(plan.spec, input_size or parity_input_size(plan.spec), batch, seed)
     options = {"label_smoothing": label_smoothing, "bn_momentum": bn_momentum}
     reference = loss_and_grads(plan.spec, "numpy", params, images, labels, dtype="float64", **options)
     results = []

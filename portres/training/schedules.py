@@ -16,17 +16,14 @@ import math
 import operator
 from dataclasses import dataclass
 
+from .checks import require
+
 SCHEDULES = ("constant", "multistep", "cosine")  # names accepted by make_schedule (the CLI's --schedule)
-
-
-def _check(condition: bool, argument: str, value, requirement: str) -> None:
-    if not condition:
-        raise ValueError(f"{argument}={value!r}: {requirement}")
 
 
 def _step(t) -> int:
     t = operator.index(t)  # an int or NumPy integer; a float step is a caller's bug
-    _check(t >= 0, "step", t, "must be >= 0 (the number of updates already done)")
+    require(t >= 0, "step", t, "must be >= 0 (the number of updates already done)")
     return t
 
 
@@ -35,7 +32,7 @@ class Constant:
     lr: float  # the learning rate at every step
 
     def __post_init__(self):
-        _check(self.lr >= 0, "lr", self.lr, "must be >= 0")
+        require(self.lr >= 0, "lr", self.lr, "must be >= 0")
 
     def __call__(self, t: int) -> float:
         _step(t)
@@ -49,12 +46,12 @@ class MultiStep:
     gamma: float = 0.1  # factor applied at each milestone (the ResNet paper's /10)
 
     def __post_init__(self):
-        _check(self.lr >= 0, "lr", self.lr, "must be >= 0")
+        require(self.lr >= 0, "lr", self.lr, "must be >= 0")
         object.__setattr__(self, "milestones", tuple(self.milestones))
         ms = self.milestones
-        _check(all(isinstance(m, int) and m > 0 for m in ms), "milestones", ms, "must be positive integers")
-        _check(all(a < b for a, b in zip(ms, ms[1:])), "milestones", ms, "must be strictly increasing")
-        _check(self.gamma > 0, "gamma", self.gamma, "must be > 0")
+        require(all(isinstance(m, int) and m > 0 for m in ms), "milestones", ms, "must be positive integers")
+        require(all(a < b for a, b in zip(ms, ms[1:])), "milestones", ms, "must be strictly increasing")
+        require(self.gamma > 0, "gamma", self.gamma, "must be > 0")
 
     def __call__(self, t: int) -> float:
         return self.lr * self.gamma ** bisect.bisect_right(self.milestones, _step(t))
@@ -67,10 +64,10 @@ class Cosine:
     final_lr: float = 0.0  # the learning rate reached at total_steps
 
     def __post_init__(self):
-        _check(self.lr >= 0, "lr", self.lr, "must be >= 0")
-        _check(isinstance(self.total_steps, int) and self.total_steps >= 1, "total_steps", self.total_steps,
+        require(self.lr >= 0, "lr", self.lr, "must be >= 0")
+        require(isinstance(self.total_steps, int) and self.total_steps >= 1, "total_steps", self.total_steps,
                "must be an integer >= 1")
-        _check(0 <= self.final_lr <= self.lr, "final_lr", self.final_lr, f"must be in [0, lr={self.lr}]")
+        require(0 <= self.final_lr <= self.lr, "final_lr", self.final_lr, f"must be in [0, lr={self.lr}]")
 
     def __call__(self, t: int) -> float:
         progress = min(_step(t), self.total_steps) / self.total_steps
@@ -84,10 +81,10 @@ class Warmup:
     start_factor: float = 0.1  # the ramp starts at start_factor * schedule(0)
 
     def __post_init__(self):
-        _check(callable(self.schedule), "schedule", self.schedule, "must be a schedule (a callable of the step)")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
+        require(callable(self.schedule), "schedule", self.schedule, "must be a schedule (a callable of the step)")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
                "must be an integer >= 0")
-        _check(0 < self.start_factor <= 1, "start_factor", self.start_factor, "must be in (0, 1]")
+        require(0 < self.start_factor <= 1, "start_factor", self.start_factor, "must be in (0, 1]")
 
     def __call__(self, t: int) -> float:
         t = _step(t)
@@ -132,17 +129,17 @@ def make_schedule(name: str, lr: float, total_steps: int, milestones=None, warmu
     (the ResNet paper's 32k/48k of 64k); with a warm-up the wrapped schedule covers the remaining steps.
     Example: ``make_schedule("cosine", 0.1, 1000, warmup_steps=50)``.
     """
-    _check(name in SCHEDULES, "schedule", name, f"must be one of {', '.join(SCHEDULES)}")
-    _check(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "must be an integer >= 1")
-    _check(isinstance(warmup_steps, int) and 0 <= warmup_steps < total_steps, "warmup_steps", warmup_steps,
+    require(name in SCHEDULES, "schedule", name, f"must be one of {', '.join(SCHEDULES)}")
+    require(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "must be an integer >= 1")
+    require(isinstance(warmup_steps, int) and 0 <= warmup_steps < total_steps, "warmup_steps", warmup_steps,
            f"must be an integer in [0, total_steps={total_steps})")
-    _check(milestones is None or name == "multistep", "milestones", milestones, "only apply to multistep")
+    require(milestones is None or name == "multistep", "milestones", milestones, "only apply to multistep")
     if name == "constant":
         main = constant(lr)
     elif name == "multistep":
         if milestones is None:
             milestones = sorted({m for m in (total_steps // 2, total_steps * 3 // 4) if m > 0})
-        _check(all(m > warmup_steps for m in milestones), "milestones", milestones,
+        require(all(m > warmup_steps for m in milestones), "milestones", milestones,
                f"must come after warmup_steps={warmup_steps}")
         main = multistep(lr, [m - warmup_steps for m in milestones], gamma)
     else:

@@ -1,4 +1,4 @@
-"""Data-parallel training on the frameworks' own engines, around one extra step of the train step.
+"""Data-parallel replicas: the group a training run takes part in, and what its ranks agree on.
 
 Three ways to run N replicas of one training run, each on an engine a backend already ships:
 
@@ -7,7 +7,7 @@ Three ways to run N replicas of one training run, each on an engine a backend al
   (``torch.distributed``: gloo on CPUs, NCCL on GPUs). Rank and world come from the launcher's
   environment (:func:`detect_launcher`).
 - ``--processes N``: portres starts N ranks on this machine itself, on the loopback interface, with
-  the environment ``mlx.launch`` or ``torchrun`` would set (:func:`run_local`).
+  the environment ``mlx.launch`` or ``torchrun`` would set (:mod:`portres.training.launch`).
 - ``--devices CPU:0,CPU:1``: tinygrad's multi-device tensors in one process (batch sharded along
   its first axis, parameters replicated; tinygrad reduces the gradients itself).
 
@@ -30,24 +30,20 @@ and a watchdog stops a rank that waits on its peers longer than ``timeout_s``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-# Variables launchers set. A child of `portres train --processes` must not inherit its parent's.
+from .. import backends
+
 LAUNCHER_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES",
                       "NCCL_HOST_IP", "NCCL_PORT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK",
                       "PMI_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -55,7 +51,6 @@ LAUNCHER_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_C
 PROCESS_BACKENDS = ("mlx", "torch")  # backends whose framework runs one rank per process
 DEVICE_BACKENDS = ("tinygrad",)  # backends whose framework runs several devices in one process
 DEFAULT_TIMEOUT_S = 300.0  # how long a rank waits on its peers before it gives up
-LOOPBACK = "127.0.0.1"
 
 
 class DistributedError(RuntimeError):
@@ -182,16 +177,6 @@ def portres_version() -> str:
         return "unknown"
 
 
-def state_sha256(state: dict[str, np.ndarray]) -> str:
-    """One hash of a whole state (names, dtypes, shapes and bytes), to compare replicas bit for bit."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        value = np.ascontiguousarray(state[name])
-        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
 class Replicas:
     """One process, one replica: what training does without data parallelism (every hook a no-op)."""
 
@@ -233,9 +218,8 @@ class Replicas:
         return contextlib.nullcontext()
 
     def replica_hashes(self, lowering, state: dict) -> list[str]:
-        """``state_sha256`` of every replica's copy of the state (all equal when training is consistent)."""
-        hashes = getattr(lowering, "replica_hashes", None)
-        return hashes(state) if hashes else [state_sha256({n: lowering.to_numpy(v) for n, v in state.items()})]
+        """SHA-256 of every replica's copy of ``state`` (all equal when training is consistent)."""
+        return lowering.replica_hashes(state)
 
     def close(self) -> None:
         pass
@@ -298,8 +282,6 @@ class ProcessReplicas(Replicas):
     ``ProcessGroup``), with a watchdog."""
 
     def __init__(self, backend: str, launcher: Launcher, timeout_s: float, device: str | None = None):
-        from .. import backends
-
         self.launcher, self.timeout_s = launcher, timeout_s
         self.rank = launcher.rank
         self.watchdog = Watchdog(launcher.rank, timeout_s)
@@ -427,325 +409,3 @@ def join(backend: str, *, distributed: bool = False, devices: tuple[str, ...] | 
         raise DistributedError(f"{launcher.name} started this rank, but the {backend} backend's ranks are started by "
                                f"{starters.get(backend, 'a launcher')} (or portres --processes N)")
     return ProcessReplicas(backend, launcher, timeout_s, device)
-
-
-# -- starting local ranks (--processes N) ---------------------------------------------------------
-
-
-def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_in_use(port: int, first: int | None, count: int) -> str:
-    if first is not None:
-        fix = (f"pick another --port (ranks use {first}-{first + count - 1}), or leave --port out and portres "
-               "picks free ones")
-    else:
-        fix = "run again (portres picks other free ports), or choose them with --port"
-    return f"port {port} on {LOOPBACK} is in use (another program, or a run that has not ended): {fix}"
-
-
-def choose_ports(count: int, first: int | None = None) -> list[int]:
-    """``count`` ports on the loopback interface: ``first, first + 1, ...`` when given (checked free), else
-    ports the OS reports free."""
-    if first is not None:
-        ports = list(range(first, first + count))
-        if ports[-1] > 65535:
-            raise ValueError(f"--port {first} leaves no room for {count} ranks below 65536: pick a lower one")
-        busy = [port for port in ports if not port_is_free(port)]
-        if busy:
-            raise ValueError(_port_in_use(busy[0], first, count))
-        return ports
-    probes = []
-    try:
-        for _ in range(count):  # held open together, so the OS hands out distinct ports
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind((LOOPBACK, 0))
-            probes.append(probe)
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def hold_ports(ports: list[int], backend: str, first: int | None = None) -> list[socket.socket]:
-    """The ranks' ports, bound on loopback by this process from now until the ranks end; raises ValueError
-    naming a port another program holds.
-
-    A port chosen free can be taken before the rank binds it; worse, MLX's ring binds with SO_REUSEPORT, so a
-    program holding the port with SO_REUSEPORT too is not refused but shares it: the kernel hands it some of
-    the connections meant for a rank, and the run waits out --timeout. So each port is checked without SO_REUSEPORT (any
-    holder refuses that) and then kept bound: MLX ranks bind beside the held socket (SO_REUSEPORT, same user
-    only; it never listens, so it takes no connection), torch's store listens on the held socket itself."""
-    held: list[socket.socket] = []
-    try:
-        for port in ports:
-            if not port_is_free(port):
-                raise ValueError(_port_in_use(port, first, len(ports)))
-            hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(hold)
-            if backend == "mlx" and hasattr(socket, "SO_REUSEPORT"):
-                hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                hold.bind((LOOPBACK, port))
-            except OSError:  # taken between the check and the bind
-                raise ValueError(_port_in_use(port, first, len(ports))) from None
-    except BaseException:
-        for hold in held:
-            hold.close()
-        raise
-    return held
-
-
-def torch_store(listener: socket.socket, processes: int):
-    """torch.distributed's rendezvous store for local ranks, served by this process on ``listener`` (bound to
-    loopback). Left to torch, rank 0 would serve it (env://) on every interface - TCPStore binds the wildcard
-    address whatever MASTER_ADDR says - where any host that reaches this one could join the group or write
-    its keys. The ranks connect as clients, as they do under torchrun's agent (TORCHELASTIC_USE_AGENT_STORE)."""
-    import torch
-    import torch.distributed as dist
-
-    # the libuv store serves a given listening socket from torch 2.8 on; before, only the classic one does
-    classic = {"use_libuv": False} if torch.__version__ < (2, 8) else {}
-    try:
-        listener.listen()
-        store = dist.TCPStore(LOOPBACK, listener.getsockname()[1], processes, True, wait_for_workers=False,
-                              master_listen_fd=listener.fileno(), **classic)
-    except BaseException:
-        listener.close()
-        raise
-    listener.detach()  # the store owns the descriptor now and closes it
-    return store
-
-
-def loopback_interface() -> str:
-    """The loopback interface's name (Linux ``lo``, macOS ``lo0``), for gloo's GLOO_SOCKET_IFNAME."""
-    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
-    return next((name for name in ("lo", "lo0") if name in names), "lo")
-
-
-def rank_environments(backend: str, processes: int, ports: list[int], workdir: Path) -> list[dict]:
-    """The environment of each local rank: what ``mlx.launch`` (ring: a hostfile, MLX_RANK) or ``torchrun``
-    (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) would set, and one core share each for the BLAS.
-
-    Every rank listens on loopback only: the ring binds the hostfile's 127.0.0.1 addresses; torch ranks use
-    the store :func:`torch_store` serves on ``ports[0]`` (TORCHELASTIC_USE_AGENT_STORE: no rank serves one),
-    and gloo binds its pairs' sockets to the loopback interface (GLOO_SOCKET_IFNAME; by default it takes
-    the address the host name resolves to, often one every host on the network can reach)."""
-    base = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    base["PORTRES_LAUNCHER"] = "portres --processes"
-    threads = str(max(1, len(_cores()) // processes))
-    if backend == "mlx":
-        hostfile = workdir / "hostfile.json"  # the ring backend's format: one list of addresses per rank
-        hostfile.write_text(json.dumps([[f"{LOOPBACK}:{port}"] for port in ports]))
-        return [{**base, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)} for rank in range(processes)]
-    return [{**base, "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(ports[0]), "RANK": str(rank),
-             "WORLD_SIZE": str(processes), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes),
-             "OMP_NUM_THREADS": threads, "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
-             "GLOO_SOCKET_IFNAME": loopback_interface()} for rank in range(processes)]
-
-
-def _cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-def _core_shares(processes: int) -> list[list[int] | None]:
-    """Cores for each rank: an equal share when there are enough (no two ranks fight for one core), else none."""
-    cores = _cores()
-    if processes > len(cores) or not hasattr(os, "sched_setaffinity"):
-        return [None] * processes
-    share = len(cores) // processes
-    return [cores[rank * share:(rank + 1) * share] for rank in range(processes)]
-
-
-def _child_setup(cores: list[int] | None):
-    def setup():
-        if sys.platform.startswith("linux"):  # die with the parent: no orphaned ranks training on
-            with contextlib.suppress(Exception):
-                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if cores is not None:
-            os.sched_setaffinity(0, cores)
-
-    return setup
-
-
-def _how_it_ended(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def _last_error_line(path: Path) -> str | None:
-    with contextlib.suppress(OSError):
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("portres: error:")]
-        if errors:
-            return errors[-1][len("portres: error:"):].strip()
-        if lines:
-            return lines[-1]
-    return None
-
-
-def run_local(command: list[str], processes: int, backend: str, *, port: int | None = None,
-              stdout=None, grace_s: float = 10.0, hint: str = "") -> subprocess.CompletedProcess | None:
-    """Run ``command`` as ``processes`` ranks of ``backend`` on this machine (loopback) and wait for all.
-
-    Each rank gets the launcher environment of :func:`rank_environments` and, when there are enough
-    cores, its own share of them. The ranks' ports stay bound by this process until they end
-    (:func:`hold_ports`), and torch's rendezvous store is served here, on loopback (:func:`torch_store`).
-    Rank 0 writes to this process's stderr (and to ``stdout``: None inherits, ``subprocess.PIPE``
-    captures it into the returned object); the others' stderr is kept for their error messages. When a
-    rank fails, the rest get ``grace_s`` to notice and stop, then are terminated; the failure is raised
-    as one :class:`DistributedError` line (``hint`` appended), or as :class:`AlreadyReported` when rank 0
-    failed first and has said why.
-
-        >>> run_local([sys.executable, "-m", "portres.cli", "_rank", "config.json"], 2, "mlx")
-    """
-    ports = choose_ports(processes if backend == "mlx" else 1, port)
-    held = hold_ports(ports, backend, port)  # until the ranks end: no other program can take one meanwhile
-    store = None
-    try:
-        if backend == "torch":
-            store = torch_store(held.pop(), processes)
-        return _run_ranks(command, processes, backend, ports, stdout, grace_s, hint)
-    finally:
-        del store  # the torch store stops listening now, not when a traceback holding this frame goes
-        for hold in held:
-            hold.close()
-
-
-def _run_ranks(command, processes, backend, ports, stdout, grace_s, hint) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="portres-ranks-") as workdir:
-        workdir = Path(workdir)
-        environments = rank_environments(backend, processes, ports, workdir)
-        logs = [workdir / f"rank{rank}.stderr" for rank in range(processes)]
-        children, files = [], []
-        try:
-            for rank, (environment, cores) in enumerate(zip(environments, _core_shares(processes))):
-                err = None if rank == 0 else open(logs[rank], "w")  # noqa: SIM115 - closed below
-                files += [err] if err else []
-                children.append(subprocess.Popen(
-                    command, env=environment, stdin=subprocess.DEVNULL, stdout=stdout if rank == 0 else
-                    subprocess.DEVNULL, stderr=err, preexec_fn=_child_setup(cores)))
-            output = _wait_for_ranks(children, grace_s, stdout)
-        except BaseException:
-            for child in children:
-                _stop(child)
-            raise
-        finally:
-            for file in files:
-                file.close()
-        codes = [child.returncode for child in children]
-        if all(code == 0 for code in codes):
-            return subprocess.CompletedProcess(command, 0, output.stdout)
-        failed = output.first_failure
-        code = codes[failed]
-        if failed == 0 and code == 2:
-            error = AlreadyReported(f"rank 0 exited with status 2{hint}")
-        else:
-            said = _last_error_line(logs[failed]) if failed else None
-            error = DistributedError(f"rank {failed} {_how_it_ended(code)}" + (f": {said}" if said else "") + hint)
-        error.stdout = output.stdout  # rank 0's, when captured
-        raise error
-
-
-class _Output:
-    def __init__(self):
-        self.first_failure: int | None = None
-        self.stdout = None
-
-
-def _wait_for_ranks(children: list[subprocess.Popen], grace_s: float, stdout) -> _Output:
-    output = _Output()
-    reader = None
-    if stdout == subprocess.PIPE:  # rank 0's output, read on a thread so that a full pipe never blocks it
-        chunks: list[bytes] = []
-        reader = threading.Thread(target=lambda: chunks.append(children[0].stdout.read()), daemon=True)
-        reader.start()
-    deadline = None
-    while [child.poll() for child in children].count(None):  # poll every child: any() would stop at a live one
-        if output.first_failure is None:
-            failed = [rank for rank, child in enumerate(children) if child.returncode not in (None, 0)]
-            if failed:  # a rank killed by a signal is the cause; the others' errors are its consequence
-                killed = [rank for rank in failed if children[rank].returncode < 0]
-                output.first_failure = (killed or failed)[0]
-                deadline = time.monotonic() + grace_s
-        if deadline is not None and time.monotonic() > deadline:
-            for child in children:
-                _stop(child)
-            break
-        time.sleep(0.05)
-    for child in children:
-        child.wait()
-    if output.first_failure is None:
-        failed = [rank for rank, child in enumerate(children) if child.returncode != 0]
-        killed = [rank for rank in failed if children[rank].returncode < 0]
-        output.first_failure = (killed or failed or [None])[0]
-    if reader is not None:
-        reader.join()
-        output.stdout = b"".join(chunks).decode(errors="replace")
-    return output
-
-
-def _stop(child: subprocess.Popen, wait_s: float = 5.0) -> None:
-    if child.poll() is not None:
-        return
-    child.terminate()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(child.pid, signal.SIGCONT)  # a stopped (SIGSTOP) rank only acts on SIGTERM once continued
-    try:
-        child.wait(wait_s)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
-def checkpoint_hint(out) -> str:
-    """Where a stopped run can continue from: its last checkpoint, or that none was written yet."""
-    from .checkpoint import CheckpointError, read_description
-    from .loop import LAST
-
-    path = Path(out) / LAST
-    try:
-        step = read_description(path)["position"]["step"]
-    except (CheckpointError, KeyError, TypeError):
-        return f"; no checkpoint was written to {path} yet"
-    return f"; the last checkpoint {path} (step {step}) is intact: continue with --resume"
-
-
-def local_training(config, processes: int, *, resume: bool, port: int | None = None) -> dict:
-    """Train ``config`` (a TrainConfig) with ``processes`` local ranks; returns rank 0's summary.
-
-        >>> summary = local_training(TrainConfig(arch="resnet20", data="digits", backend="mlx", out="runs/r20"), 2,
-        ...                          resume=False)
-    """
-    config = dataclasses.replace(config, distributed=True)
-    with tempfile.TemporaryDirectory(prefix="portres-run-") as workdir:
-        path = Path(workdir) / "config.json"
-        path.write_text(json.dumps({"config": dataclasses.asdict(config), "resume": resume}))
-        try:
-            run_local([sys.executable, "-m", "portres.cli", "_rank", str(path)], processes, config.backend,
-                      port=port)
-        except AlreadyReported:
-            raise
-        except DistributedError as error:
-            raise DistributedError(f"{error}{checkpoint_hint(config.out)}") from None
-    return json.loads((Path(config.out) / "summary.json").read_text())
-
-
-def config_from_json(fields: dict):
-    """A TrainConfig from ``dataclasses.asdict`` sent through JSON (lists back to tuples)."""
-    from .loop import TrainConfig
-
-    fields = dict(fields)
-    for name in ("milestones", "devices"):
-        if fields.get(name) is not None:
-            fields[name] = tuple(fields[name])
-    return TrainConfig(**fields)
