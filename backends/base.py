@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-# what the plan walker calls on every backend (``portres.plan.apply_op``)
+# what the plan walker calls on every backend (``portres.walker.apply_op``)
 PRIMITIVES = ("conv2d", "batch_norm", "channel_affine", "relu", "max_pool", "zero_pad", "avg_pool", "subsample",
               "pad_channels", "add", "global_avg_pool", "linear")
 
@@ -165,7 +165,7 @@ class AbstractBackend:
         return x
 
     def end_block(self, x):
-        """A residual block's output: where a lazy framework cuts its graph (plan.run_plan calls it)."""
+        """A residual block's output: where a lazy framework cuts its graph (walker.run_plan calls it)."""
         return x
 
     def synchronize(self) -> None:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 import platform
 import sys
-import threading
 from collections.abc import Callable
 
 import numpy as np
 
 from . import _blas
 from ._space_to_depth import space_to_depth
-from .base import AbstractBackend, Forwarding, cpu_cores, two_pass_statistics
+from .base import AbstractBackend, Forwarding, cpu_cores
 
 
 def _choose_blas() -> tuple[_blas.Selection | None, Callable[[int], None] | None, str]:
@@ -67,6 +66,8 @@ try:
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the mlx backend needs MLX: pip install 'portres[mlx]' ({error})") from None
 
+from . import _mlx_kernels as kernels  # noqa: E402 - mlx.core only after the BLAS is loaded
+
 NAME = "mlx"
 FOLD_BATCH_NORM = True
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "float64": mx.float64}
@@ -86,171 +87,6 @@ def info() -> dict:
 def _set_blas_threads(threads: int) -> None:
     if _set_threads is not None:
         _set_threads(threads)
-
-
-def _pool_counts(height: int, width: int, kernel_size: int, stride: int) -> np.ndarray:
-    """In-bounds pixels under each ceil-mode pooling window, shaped (1, H_out, W_out, 1)."""
-    def per_axis(n):
-        out = max(-(-(n - kernel_size) // stride), 0) + 1
-        starts = np.arange(out) * stride
-        return np.minimum(starts + kernel_size, n) - starts
-    return np.outer(per_axis(height), per_axis(width))[None, :, :, None]
-
-
-def _tap_shifts(kernel: int, padded_width: int) -> list[int]:
-    """Row offset of each tap (i, j), in (i, j) order, for the shifted-GEMM convs."""
-    return [i * padded_width + j for i in range(kernel) for j in range(kernel)]
-
-
-def _sum_of_products(pairs):
-    """sum(a @ b for a, b in pairs), accumulated in place by addmm (no temporaries per term)."""
-    acc = None
-    for a, b in pairs:
-        acc = a @ b if acc is None else mx.addmm(acc, a, b)
-    return acc
-
-
-def _padded_rows(x, padding: int, kernel: int):
-    """``x`` zero-padded and flattened to rows of pixels, with zero rows behind for the last taps' shifts
-    (a zero image: one copy, where padding the rows again would be a second)."""
-    n, h, w, c = x.shape
-    hp, wp = h + 2 * padding, w + 2 * padding
-    assert hp * wp >= (kernel - 1) * (wp + 1), "the zero image must cover the last tap's shift"
-    rows = mx.pad(x, [(0, 1), (padding, padding), (padding, padding), (0, 0)]).reshape((n + 1) * hp * wp, c)
-    return rows, n * hp * wp, wp
-
-
-@functools.cache
-def _shifted_gemm(padding: int, stream):
-    """Stride-1 KxK conv (NHWC x OHWI, zero padding ``padding``) without im2col, with its own gradient,
-    on ``stream``.
-
-    On the zero-padded input flattened to rows of pixels, the tap (i, j) of every output pixel
-    is the input row shifted by i*padded_width + j. So out = sum over taps of rows[shift:shift+M]
-    @ W[i, j], each a contiguous slice (no copy) accumulated in place by addmm; outputs are
-    computed on the padded grid and its garbage pad columns sliced away. The gradient is the
-    same shape of computation (autodiff through the slices would scatter into nine full-size
-    buffers: 161 ms instead of ~25 for resnet20's 32x32 layer at batch 128): the input's as
-    shifted GEMMs of the output gradient with the transposed taps, shifted back; the weights' as
-    one GEMM per tap. MLX calls a custom VJP on whatever stream is the default when the gradient
-    is built, so it names the forward's stream itself (split batches run on several).
-    """
-    @mx.custom_function
-    def conv(x, weight):
-        n, h, w, _ = x.shape
-        out_channels, kernel = weight.shape[0], weight.shape[1]
-        rows, m, wp = _padded_rows(x, padding, kernel)
-        taps = weight.transpose(1, 2, 3, 0).reshape(kernel * kernel, x.shape[3], out_channels)  # (K*K, C, O)
-        acc = _sum_of_products((rows[shift:shift + m], taps[tap]) for tap, shift in enumerate(_tap_shifts(kernel, wp)))
-        out_h, out_w = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
-        return acc.reshape(n, -1, wp, out_channels)[:, :out_h, :out_w, :]
-
-    @conv.vjp
-    def conv_vjp(primals, cotangent, output):
-        with mx.stream(stream):
-            return _shifted_gemm_vjp(padding, *primals, cotangent)
-
-    return conv
-
-
-def _shifted_gemm_vjp(padding: int, x, weight, cotangent):
-    """The gradients (x, weight) of ``_shifted_gemm``: the same shape of computation as its forward."""
-    n, h, w, c = x.shape
-    out_channels, kernel = weight.shape[0], weight.shape[1]
-    rows, m, wp = _padded_rows(x, padding, kernel)
-    hp = h + 2 * padding
-    # the output gradient on the padded grid (zero at the garbage columns), as rows, behind a zero image
-    # (one copy) that the input gradient's backward shifts read from
-    front = hp * wp
-    out_h, out_w = cotangent.shape[1:3]
-    padded = mx.pad(cotangent, [(1, 0), (0, hp - out_h), (0, wp - out_w), (0, 0)]).reshape(front + m, out_channels)
-    grad_rows = padded[front:]
-    shifts = _tap_shifts(kernel, wp)
-    grad_taps = mx.stack([rows[shift:shift + m].T @ grad_rows for shift in shifts])  # (K*K, C, O)
-    grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2)
-    # each input row received grad_rows[r - shift] @ W[tap].T from every tap
-    taps_t = weight.transpose(1, 2, 0, 3).reshape(kernel * kernel, out_channels, c)  # (K*K, O, C)
-    grad_input_rows = _sum_of_products((padded[front - shift:front - shift + m], taps_t[tap])
-                                       for tap, shift in enumerate(shifts))
-    grad_x = grad_input_rows.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + w, :]
-    return grad_x, grad_weight
-
-
-def _pixels(slices) -> int:
-    """Pixels per channel in a batch held as NHWC slices (BN's count)."""
-    return sum(x.shape[0] for x in slices) * slices[0].shape[1] * slices[0].shape[2]
-
-
-def _channel_sum(x):
-    """An NHWC array summed over all but its channels."""
-    return mx.sum(x, axis=(0, 1, 2))
-
-
-_PER_THREAD = threading.local()  # MLX binds a stream to the thread that made it
-
-
-def _thread_streams(device, count: int) -> list:
-    """This thread's ``count`` streams on ``device``, made on its first call (MLX raises "There is no
-    Stream(cpu, 1) in current thread" for a stream made in another thread). Shared by every backend of
-    that device in the thread, so variants made for training add no streams (each is a thread in MLX)."""
-    pools = _PER_THREAD.__dict__.setdefault("pools", {})
-    key = (str(device), count)
-    if key not in pools:
-        pools[key] = [mx.new_stream(device) for _ in range(count)]
-    return pools[key]
-
-
-def _on_streams(streams, function, *per_slice) -> list:
-    """``[function(*arguments of slice i) on streams[i]]``: one batch slice's work per CPU stream."""
-    outs = []
-    for stream, arguments in zip(streams, zip(*per_slice)):
-        with mx.stream(stream):
-            outs.append(function(*arguments))
-    return outs
-
-
-@functools.cache
-def _batch_norm_train(eps: float, streams: tuple):
-    """Train-mode BN (NHWC) over a batch held as slices, one per stream in ``streams``:
-    ``(weight, bias, slices) -> (batch mean, unbiased batch variance, normalised slices)``, with its
-    own gradient.
-
-    The statistics are the whole batch's: each slice's partial sums, computed on its stream, are
-    added (a split batch trains exactly as one). MLX's CPU elementwise passes run on one thread per
-    stream and are memory-bound, and autodiff of the forward formula makes about twice the passes
-    the closed form needs: with x^ = (x - mean) * inv_std, dx = A * dy + B + C * x^ with per-channel
-    A, B, C (the mean and variance outputs' cotangents included, for callers that differentiate
-    through the statistics).
-    """
-    axes = (0, 1, 2)
-    on_streams = functools.partial(_on_streams, streams)
-
-    @mx.custom_function
-    def batch_norm(weight, bias, slices):
-        # two passes from each slice's partial sums on its stream
-        count = _pixels(slices)
-        mean, centered, var = two_pass_statistics(slices, count, channel_sum=_channel_sum, each=on_streams)
-        scale = weight * mx.rsqrt(var + eps)
-        return mean, var * (count / (count - 1)), on_streams(lambda c: c * scale + bias, centered)
-
-    @batch_norm.vjp
-    def batch_norm_vjp(primals, cotangents, outputs):
-        weight, _, slices = primals
-        grad_mean, grad_var, grad_ys = cotangents
-        mean, unbiased, _ = outputs
-        count = _pixels(slices)
-        inv_std = mx.rsqrt(unbiased * ((count - 1) / count) + eps)
-        normalised = on_streams(lambda x: (x - mean) * inv_std, slices)
-        grad_bias = sum(on_streams(lambda g: g.sum(axis=axes), grad_ys))
-        grad_weight = sum(on_streams(lambda g, n: (g * n).sum(axis=axes), grad_ys, normalised))
-        scale = weight * inv_std
-        per_channel_shift = grad_mean / count - scale * grad_bias / count
-        per_channel_slope = grad_var * (2 / (count - 1)) / inv_std - scale * grad_weight / count
-        grad_slices = on_streams(lambda g, n: scale * g + per_channel_shift + per_channel_slope * n,
-                                 grad_ys, normalised)
-        return grad_weight, grad_bias, grad_slices
-
-    return batch_norm
 
 
 class Backend(AbstractBackend):
@@ -305,7 +141,7 @@ class Backend(AbstractBackend):
     def _streams(self) -> list:
         """This thread's CPU streams: each thread that runs the model gets its own, so a model built in one
         thread can be called from any other, concurrently too (the compiled traces are shared)."""
-        return _thread_streams(self._device, self.cpu_streams)
+        return kernels.thread_streams(self._device, self.cpu_streams)
 
     # -- arrays and parameters --
 
@@ -412,7 +248,7 @@ class Backend(AbstractBackend):
         return y.reshape(n, h, w, -1)
 
     def _shifted_gemm_conv(self, x, weight, bias, padding):
-        y = _shifted_gemm(padding, mx.default_stream(self._device))(x, weight)
+        y = kernels.shifted_gemm(padding, mx.default_stream(self._device))(x, weight)
         return y if bias is None else y + bias
 
     def _space_to_depth_conv(self, x, weight, bias, stride, padding):
@@ -429,7 +265,8 @@ class Backend(AbstractBackend):
         grow = g.grown_kernel - kernel
         weight = mx.pad(weight, [(0, 0), (0, grow), (0, grow), (0, 0)])
         weight = weight.reshape(out_channels, g.taps, stride, g.taps, stride, c).transpose(0, 1, 3, 2, 4, 5)
-        y = _shifted_gemm(0, mx.default_stream(self._device))(z, weight.reshape(out_channels, g.taps, g.taps, -1))
+        conv = kernels.shifted_gemm(0, mx.default_stream(self._device))
+        y = conv(z, weight.reshape(out_channels, g.taps, g.taps, -1))
         return y if bias is None else y + bias
 
     def _channel_major_conv(self, x, weight, bias, stride, padding, groups):
@@ -446,18 +283,19 @@ class Backend(AbstractBackend):
         hp, wp = h + 2 * padding, w + 2 * padding
         out_h, out_w = (hp - kernel) // stride + 1, (wp - kernel) // stride + 1
         # OHWI (G*Og, K, K, Cg) -> (G, Og, K*K*Cg): (tap, channel) order, as the patches below
-        kernels = weight.reshape(groups, per_group_out, kernel * kernel * per_group_in)
+        group_kernels = weight.reshape(groups, per_group_out, kernel * kernel * per_group_in)
         if stride == 1:
             m = n * hp * wp
             rows = mx.pad(x.reshape(groups, per_group_in, m), [(0, 0), (0, 0), (0, (kernel - 1) * (wp + 1))])
-            acc = _sum_of_products((kernels[:, :, tap * per_group_in:(tap + 1) * per_group_in],
-                                    rows[:, :, shift:shift + m]) for tap, shift in enumerate(_tap_shifts(kernel, wp)))
+            shifts = kernels.tap_shifts(kernel, wp)
+            acc = kernels.sum_of_products((group_kernels[:, :, tap * per_group_in:(tap + 1) * per_group_in],
+                                           rows[:, :, shift:shift + m]) for tap, shift in enumerate(shifts))
             y = acc.reshape(groups, per_group_out, n, hp, wp)[:, :, :, :out_h, :out_w]
         else:
             taps = [x[:, :, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
                     for i in range(kernel) for j in range(kernel)]
             patches = mx.concatenate(taps, axis=1).reshape(groups, kernel * kernel * per_group_in, -1)
-            y = (kernels @ patches).reshape(groups, per_group_out, n, out_h, out_w)
+            y = (group_kernels @ patches).reshape(groups, per_group_out, n, out_h, out_w)
         y = y.transpose(2, 3, 4, 0, 1).reshape(n, out_h, out_w, out_channels)
         return y if bias is None else y + bias
 
@@ -474,18 +312,19 @@ class Backend(AbstractBackend):
         if self.sync_bn:
             return self._synchronized_batch_norm(x, weight, bias, eps)
         if isinstance(x, _Slices):  # the split-batch training view: one slice per stream
-            mean, var, ys = _batch_norm_train(eps, tuple(self._streams()[:len(x)]))(weight, bias, list(x))
+            mean, var, ys = kernels.batch_norm_over_slices(eps, tuple(self._streams()[:len(x)]))(weight, bias, list(x))
             return _Slices(ys), mean, var
-        mean, var, (y,) = _batch_norm_train(eps, (mx.default_stream(self._device),))(weight, bias, [x])
+        mean, var, (y,) = kernels.batch_norm_over_slices(eps, (mx.default_stream(self._device),))(weight, bias, [x])
         return y, mean, var
 
     def _synchronized_batch_norm(self, x, weight, bias, eps):
         # the global batch's statistics, by autodiff. ``x`` may be a split batch (_Slices, one per stream).
         split = isinstance(x, _Slices)
         slices = list(x) if split else [x]
-        on_streams = functools.partial(_on_streams, self._streams() if split else [mx.default_stream(self._device)])
-        ys, mean, var = self.synchronized_batch_norm(slices, _pixels(slices), weight, bias, eps,
-                                                     channel_sum=_channel_sum, rsqrt=mx.rsqrt, each=on_streams)
+        streams = self._streams() if split else [mx.default_stream(self._device)]
+        ys, mean, var = self.synchronized_batch_norm(slices, kernels.pixels(slices), weight, bias, eps,
+                                                     channel_sum=kernels.channel_sum, rsqrt=mx.rsqrt,
+                                                     each=functools.partial(kernels.on_streams, streams))
         return (_Slices(ys) if split else ys[0]), mean, var
 
     def cross_entropy(self, logits, targets):
@@ -549,7 +388,7 @@ class Backend(AbstractBackend):
 
     def avg_pool(self, x, kernel_size, stride):
         height, width = x.shape[1:3]
-        counts = _pool_counts(height, width, kernel_size, stride)
+        counts = kernels.pool_counts(height, width, kernel_size, stride)
         out_h, out_w = counts.shape[1:3]
         pad_h, pad_w = (out_h - 1) * stride + kernel_size - height, (out_w - 1) * stride + kernel_size - width
         x = mx.pad(x, [(0, 0), (0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)])
@@ -604,7 +443,8 @@ class _BatchSplit(Forwarding):
         """``primitive(slice of x[, slice of other], *args)`` for each slice, on the slice's stream."""
         activations = [self._split(x)] if other is None else [self._split(x), self._split(other)]
         function = getattr(self._backend, primitive)
-        return _Slices(_on_streams(self._backend._streams(), lambda *parts: function(*parts, *args), *activations))
+        streams = self._backend._streams()
+        return _Slices(kernels.on_streams(streams, lambda *parts: function(*parts, *args), *activations))
 
     def call_primitive(self, primitive: str, x, *args):
         return self._each(primitive, x, *args)

@@ -15,7 +15,8 @@ when a backend is built.
 from . import zoo
 from .analysis import Summary, summary
 from .model import Model, build
-from .plan import Plan, fold_batch_norm, make_plan
+from .plan import Plan, make_plan
+from .rewrites import fold_batch_norm
 from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
 from .training.grads import loss_and_grads
 from .weights import WeightsError, init_params, load_weights, save_weights

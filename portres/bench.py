@@ -143,7 +143,7 @@ class _TimedPrimitives(Forwarding):
 
 
 def _profile_pass(model, x_on_device, batch: int, macs_of: dict[str, int]) -> list[dict]:
-    from .plan import run_plan
+    from .walker import run_plan
 
     timed, macs = _TimedPrimitives(model.backend), {}
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from .analysis import check_input_size
-from .plan import INPUT, Op, Plan, apply_op, fold_batch_norm, make_plan, run_plan
+from .plan import INPUT, Op, Plan, make_plan
+from .rewrites import fold_batch_norm
 from .spec import ResNetSpec
+from .walker import apply_op, run_plan
 from .weights import WeightsError, init_params, load_weights
 from .zoo import resolve as resolve_spec
 

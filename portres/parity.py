@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import build
-from .plan import INPUT, make_plan, run_plan
+from .plan import INPUT, make_plan
+from .walker import run_plan
 from .weights import init_params
 from .zoo import resolve as resolve_spec
 

@@ -95,7 +95,7 @@ MUTANTS = [
            ("tests/test_backward.py::test_conv2d_bias_backward",),
            ("tests/test_backward.py", "-k", "bias")),
     Mutant("mlx-shifted-gemm-weight-grad", "MLX's hand-written shifted-GEMM weight gradient off by 1e-6 (relative)",
-           "backends/mlx.py",
+           "backends/_mlx_kernels.py",
            "    grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2)\n",
            "    grad_weight = grad_taps.reshape(kernel, kernel, c, out_channels).transpose(3, 0, 1, 2) * (1 + 1e-6)\n",
            ("tests/test_gradients.py::test_mlx_shifted_gemm_conv_and_its_hand_written_gradient",

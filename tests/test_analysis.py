@@ -6,7 +6,7 @@ import pytest
 import portres
 from portres import zoo
 from portres.analysis import infer_shapes
-from portres.plan import fold_batch_norm
+from portres.rewrites import fold_batch_norm
 from portres.zoo import default_input_size
 
 # torchvision's model cards: parameters and "GFLOPS" (which count multiply-adds) at 224x224

@@ -146,8 +146,9 @@ def test_whole_network_gradients_against_finite_differences(spec):
     base = {name: params[name].astype(np.float64) for name in params}
 
     # the loss as a function of float64 parameters, straight through the walker (load_weights rounds to float32)
-    from portres.plan import make_plan, run_plan_train
+    from portres.plan import make_plan
     from portres.training.grads import soft_targets
+    from portres.walker import run_plan_train
 
     plan = make_plan(spec)
     targets = soft_targets(labels, spec.num_classes, 0.0, np.float64)

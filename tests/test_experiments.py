@@ -23,10 +23,12 @@ from portres.experiments.gradflow import gradient_flow, neighbour_correlation
 from portres.experiments.lesion import deletable_blocks, lesion_parity, lesion_study, lesioned_model, path_gradients
 from portres.experiments.probes import INPUT, Objective, gradients
 from portres.parity import parity_case, relative_error
-from portres.plan import delete_blocks, make_plan, run_plan, run_plan_train
+from portres.plan import make_plan
+from portres.rewrites import delete_blocks
 from portres.spec import ResNetSpec, StageSpec, StemSpec
 from portres.training.grads import training_backend
 from portres.training.loop import TrainConfig, train
+from portres.walker import run_plan, run_plan_train
 from portres.weights import init_params
 
 FRAMEWORKS = [name for name in backends.available() if name != "numpy"]

@@ -293,9 +293,8 @@ def test_gate_margin_finds_a_relu_input_at_its_kink():
 @pytest.mark.skipif("mlx" not in FRAMEWORKS, reason="mlx not installed")
 @pytest.mark.parametrize("slices", [1, 2], ids=["whole batch", "split over two streams"])
 def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_included(slices):
+    kernels = backends.load("mlx").kernels  # portres's MLX backend before mlx.core: it picks the BLAS
     import mlx.core as mx
-
-    from portres.backends.mlx import _batch_norm_train
 
     rng = np.random.default_rng(0)
     x, weight, bias = (mx.array(a, dtype=mx.float64) for a in (rng.standard_normal((3, 4, 5, 6)) * 2 + 1,
@@ -312,7 +311,7 @@ def test_mlx_batch_norm_gradient_equals_autodiff_of_its_formula_statistics_inclu
         return lambda *args: sum((out * p).sum() for out, p in zip(fn(*args), probe))
 
     streams = tuple(mx.new_stream(mx.cpu) for _ in range(slices))
-    split = _batch_norm_train(1e-5, streams)  # on slices of the batch (1 and 2 images), one per stream
+    split = kernels.batch_norm_over_slices(1e-5, streams)  # on slices of the batch (1 and 2 images), one per stream
 
     def ours_as_formula(x, weight, bias):
         mean, var, ys = split(weight, bias, mx.split(x, [1], axis=0) if slices == 2 else [x])
@@ -401,7 +400,7 @@ def test_mlx_shifted_gemm_conv_and_its_hand_written_gradient_equal_the_reference
     reference's conv2d and conv2d_backward (which test_backward.py checks by finite differences)."""
     from portres.backends.numpy import Backend
 
-    shifted_gemm = backends.load("mlx")._shifted_gemm  # portres's MLX backend before mlx.core: it picks the BLAS
+    shifted_gemm = backends.load("mlx").kernels.shifted_gemm  # portres's MLX backend before mlx.core: it picks the BLAS
     import mlx.core as mx
 
     batch, channels, side, out_channels, kernel, padding = case

@@ -88,7 +88,7 @@ def test_every_backend_implements_every_primitive_the_walker_calls():
     import ast
     import re
 
-    walker = (ROOT / "portres" / "plan.py").read_text()
+    walker = (ROOT / "portres" / "walker.py").read_text()
     called = set(re.findall(r"primitives\.(\w+)\(", walker.split("def apply_op", 1)[1].split("\ndef ", 1)[0]))
     assert called == set(backends.PRIMITIVES), "backends.PRIMITIVES is out of date with apply_op"
     def methods_of(path, class_name):

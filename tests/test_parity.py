@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import portres
 from portres import backends, parity, zoo
-from portres.plan import apply_op, fold_batch_norm, make_plan
+from portres.plan import make_plan
+from portres.rewrites import fold_batch_norm
 from portres.spec import (
     BLOCK_KINDS,
     BOTTLENECK_STRIDE_POSITIONS,
@@ -30,6 +31,7 @@ from portres.spec import (
     StageSpec,
     StemSpec,
 )
+from portres.walker import apply_op
 from portres.weights import load_weights
 
 FRAMEWORKS = [name for name in backends.available() if name != "numpy"]

@@ -8,7 +8,7 @@
 
 Each is built from what the rest of portres already has: the training loop, the backends' own
 gradients (with zero probes for values inside the network) and plan rewrites
-(:func:`portres.plan.delete_blocks`). Nothing here imports a framework until a backend is used.
+(:func:`portres.rewrites.delete_blocks`). Nothing here imports a framework until a backend is used.
 """
 
 from .degradation import DegradationConfig, run_degradation

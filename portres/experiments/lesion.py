@@ -1,7 +1,7 @@
 """Residual networks as ensembles of paths (Veit, Wilber and Belongie 2016): lesion studies.
 
 - **Deleting one block.** A residual block with its branch removed becomes its shortcut
-  (:func:`portres.plan.delete_blocks`, a plan rewrite like BN folding, so it runs on every
+  (:func:`portres.rewrites.delete_blocks`, a plan rewrite like BN folding, so it runs on every
   backend); the test error after deleting each block on its own shows how little any single one
   matters. In a plain network the same deletion - the block replaced by the identity, where the
   block keeps the shape - destroys it.
@@ -28,7 +28,8 @@ import numpy as np
 from .. import data as datasets
 from ..model import Model, plan_and_params
 from ..parity import relative_error
-from ..plan import Plan, delete_blocks, make_plan
+from ..plan import Plan, make_plan
+from ..rewrites import delete_blocks
 from ..training.grads import training_backend, uses_reference_backward
 from ..training.loop import evaluate
 from ..weights import load_weights

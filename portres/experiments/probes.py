@@ -13,7 +13,7 @@ edge): :func:`gradients` with ``detached={(op name, argument index), ...}``. Tha
 
 Batch norm runs in training mode (each batch's own statistics), as in training; running statistics
 are not updated: nothing here trains. The forward pass is the plan's own train-mode walker
-(:func:`portres.plan.run_plan_train` with ``probes`` and ``constants``).
+(:func:`portres.walker.run_plan_train` with ``probes`` and ``constants``).
 
     >>> result = gradients(plan, lowering, arrays, images, Objective.cross_entropy(labels, 10), ["layer1.0.relu2"])
     >>> result.value_grads["layer1.0.relu2"].shape
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..losses import softmax_cross_entropy
-from ..plan import INPUT, Plan, run_plan_train
+from ..plan import INPUT, Plan
 from ..training.backprop import backward
 from ..training.grads import soft_targets, trainable_names, uses_reference_backward
+from ..walker import run_plan_train
 
 PROBE = "probe:"  # prefix of the probe arrays among the differentiated arguments
 DETACHED = "@detached"  # suffix of the value name an op reads instead of a detached input

@@ -4,7 +4,7 @@
 channel_affine, relu, max_pool, avg_pool, subsample, pad_channels, add, global_avg_pool,
 linear), but its arrays are :class:`Value` s, names in a graph under construction: each
 call appends ONNX nodes (and turns the NumPy weights it is given into initializers) and
-returns the new value. :func:`export_onnx` drives it with :func:`portres.plan.run_plan`, the
+returns the new value. :func:`export_onnx` drives it with :func:`portres.walker.run_plan`, the
 walker every backend runs, so the architecture is not written a second time here; the
 ``onnxruntime`` backend traces its forward pass with the same builder.
 
@@ -323,7 +323,8 @@ def trace_plan(plan, params: dict, *, dtype: str = "float32", opset: int = OPSET
     ``keep`` adds plan values (e.g. stage outputs) as extra graph outputs under their own names.
     ``input_size`` (an int or (height, width)) pins the spatial dims; None leaves them dynamic.
     """
-    from ..plan import INPUT, run_plan
+    from ..plan import INPUT
+    from ..walker import run_plan
 
     builder = OnnxGraphBuilder(dtype, param_names=params, opset=opset, nan_exact=nan_exact)
     if input_size is None:

@@ -3,7 +3,7 @@
 The forward pass keeps every value; the backward pass walks the ops in reverse and calls
 the backend's hand-written ``<primitive>_backward`` for each, summing the gradients of values
 read by several ops (a block's input feeds its convs and its shortcut). Written once, like
-:func:`portres.plan.apply_op`, so the architecture stays in :mod:`portres.plan`.
+:func:`portres.walker.apply_op`, so the architecture stays in :mod:`portres.plan`.
 
     >>> values, stats = run_plan_train(plan, reference, params, images, keep=all_values)
     >>> grads = backward(plan, reference, params, values, grad_of_logits)

@@ -7,7 +7,7 @@
 Frameworks differentiate with their own autodiff (tinygrad's ``Tensor.gradient``,
 ``mx.value_and_grad``, torch autograd); the NumPy reference chains hand-written backward
 primitives over the plan (:mod:`portres.training.backprop`). Either way the forward pass is
-the one walker with batch norm in training mode (:func:`portres.plan.run_plan_train`).
+the one walker with batch norm in training mode (:func:`portres.walker.run_plan_train`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import math
 import numpy as np
 
 from ..model import check_images
-from ..plan import INPUT, Plan, make_plan, run_plan_train
+from ..plan import INPUT, Plan, make_plan
+from ..walker import run_plan_train
 from ..weights import load_weights
 from .backprop import backward
 

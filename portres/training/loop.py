@@ -40,9 +40,10 @@ import numpy as np
 
 from .. import data as datasets
 from ..losses import log_softmax
-from ..plan import Plan, make_plan, run_plan
+from ..plan import Plan, make_plan
 from ..spec import ResNetSpec
 from ..tensorfiles import atomic_write
+from ..walker import run_plan
 from ..weights import describe_weights_file, init_params
 from ..zoo import resolve
 from .checkpoint import (

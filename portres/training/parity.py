@@ -55,7 +55,7 @@ def gate_margin(spec, params: dict, images: np.ndarray) -> float:
     push a value across a kink: where the margin is well above float32's rounding (~1e-7 per op).
     """
     from ..backends.numpy import Backend
-    from ..plan import run_plan_train
+    from ..walker import run_plan_train
 
     plan = make_plan(spec)
     gated = [op for op in plan.ops if op.kind in ("relu", "max_pool")]
