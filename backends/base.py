@@ -157,7 +157,8 @@ class AbstractBackend:
         raise self._missing("load_params")
 
     def compile(self, forward):
-        """``forward(params, x) -> logits`` made fast (traced, jitted) for repeated calls with one params dict."""
+        """``forward(params, x) -> logits`` made fast (traced, jitted) for repeated calls with one params dict.
+        ``forward`` may also return a tuple of arrays (stage outputs); the compiled function returns the same."""
         raise self._missing("compile")
 
     def realize(self, x):

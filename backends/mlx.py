@@ -180,7 +180,12 @@ class Backend(AbstractBackend):
             for stream, function, chunk in zip(streams, compiled, chunks):
                 with mx.stream(stream):
                     outs.append(function(params, chunk))
-            out = mx.concatenate(outs, axis=0) if parts > 1 else outs[0]
+            if parts == 1:
+                out = outs[0]
+            elif isinstance(outs[0], tuple):  # several outputs (stage outputs): each joined across streams
+                out = tuple(mx.concatenate(list(pieces), axis=0) for pieces in zip(*outs))
+            else:
+                out = mx.concatenate(outs, axis=0)
             mx.eval(out)
             return out
 

@@ -115,9 +115,13 @@ class Backend(Forwarding):
             if state["params"] is not params:
                 builder = OnnxGraphBuilder(self.dtype, param_names=params, nan_exact=self.nan_exact)
                 traced = builder.input("input", ["batch", x.shape[1], "height", "width"])
-                state["session"] = self.session(builder.finish({"logits": forward(params, traced)}))
+                out = forward(params, traced)
+                state["several"] = isinstance(out, tuple)  # stage outputs: one graph output each
+                outputs = {f"output{i}": value for i, value in enumerate(out)} if state["several"] else {"logits": out}
+                state["session"] = self.session(builder.finish(outputs))
                 state["params"] = params  # held, so its id cannot be reused by another dict
-            return state["session"].run(None, {"input": x})[0]
+            results = state["session"].run(None, {"input": x})
+            return tuple(results) if state["several"] else results[0]
 
         return run
 

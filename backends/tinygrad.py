@@ -80,6 +80,14 @@ def _dtype_problem(device: str, dtype: str) -> str | None:
 LOCK = threading.RLock()
 
 
+def realized(out):
+    """A forward's result (one tensor or a tuple of them, e.g. stage outputs) computed, as it came."""
+    if isinstance(out, tuple):
+        Tensor.realize(*out)
+        return out
+    return out.realize()
+
+
 class Backend(AbstractBackend):
     """tinygrad Tensors (NCHW). ``winograd``: 3x3 stride-1 convs by Winograd (default: not in float16 or
     bfloat16); ``strided_convs_to_depth``: strided convs over the space-to-depth input (for gradients)."""
@@ -140,7 +148,7 @@ class Backend(AbstractBackend):
         def run(params, x: Tensor) -> Tensor:
             key = (x.shape, x.dtype)
             if key not in captures:
-                captures[key] = TinyJit(lambda image: forward(params, image).realize())
+                captures[key] = TinyJit(lambda image: realized(forward(params, image)))
             return captures[key](x)
 
         return run

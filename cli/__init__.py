@@ -5,7 +5,7 @@ User errors (unknown preset, invalid spec file, bad argument, missing framework)
 means "ran, and a backend disagrees".
 """
 
-from . import bench, catalog, convert, experiments, export, parity, train  # noqa: F401 - importing a verb module registers its commands
+from . import bench, catalog, convert, experiments, export, parity, predict, train  # noqa: F401 - importing a verb module registers its commands
 from .app import main
 
 __all__ = ["main"]

@@ -14,7 +14,7 @@ from .app import load_spec, main, millions
 @main.command()
 @click.argument("name", required=False)
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of a preset NAME.")
-@click.option("--weights", type=click.Path(), help="A .safetensors/.npz file (default: seeded random weights).")
+@click.option("--weights", type=click.Path(), help="Weights: .safetensors, .npz or .pth (default: seeded random).")
 @click.option("--format", "file_format", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("-o", "--output", type=click.Path(), help="File to write (default: NAME.onnx).")
 @click.option("--no-fold", is_flag=True, help="Keep BatchNormalization nodes instead of folding BN into the convs.")
@@ -23,8 +23,11 @@ from .app import load_spec, main, millions
 @click.option("--input-size", type=click.IntRange(min=1), help="Pin height and width (default: dynamic, like batch).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random weights when --weights is not given.")
-def export(name, spec_file, weights, file_format, output, no_fold, opset, input_size, seed):
-    """Write a network as an ONNX graph: `input` (batch x C x H x W) in, `logits` out.
+@click.option("--features", is_flag=True,
+              help="A backbone: the graph's outputs are the stem's and each stage's output (stem, layer1, ...).")
+def export(name, spec_file, weights, file_format, output, no_fold, opset, input_size, seed, features):
+    """Write a network as an ONNX graph: `input` (batch x C x H x W) in, `logits` out
+    (with --features: the stage outputs `stem`, `layer1`, ...).
 
     The exporter walks the same plan every backend runs; the file passes
     onnx.checker.check_model(full_check=True) before it is written (atomically).
@@ -40,7 +43,7 @@ def export(name, spec_file, weights, file_format, output, no_fold, opset, input_
         raise FileNotFoundError(f"weights file {weights} does not exist")
     path = output or f"{spec.name}.onnx"
     model = export_onnx(spec, weights, path, fold_batch_norm=not no_fold, opset=opset, input_size=input_size,
-                        seed=seed)
+                        seed=seed, features=features)
     report = describe(model)
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(report["node_types"].items(), key=lambda i: -i[1]))
     size = f"{input_size}x{input_size}" if input_size else "height x width"
@@ -49,8 +52,13 @@ def export(name, spec_file, weights, file_format, output, no_fold, opset, input_
     click.echo(f"  {report['nodes']} nodes ({kinds})")
     click.echo(f"  {report['initializers']} initializers, {millions(report['initializer_values'])} values; "
                f"batch norm {'kept as BatchNormalization' if no_fold else 'folded into the convs'}")
-    click.echo(f"  input 'input': batch x {spec.in_channels} x {size} float32; output 'logits': batch x "
-               f"{spec.num_classes}")
+    if features:
+        stages = ", ".join(f"'{info['name']}' ({info['channels']} channels, 1/{info['reduction']})"
+                           for info in make_plan(spec).feature_info())
+        click.echo(f"  input 'input': batch x {spec.in_channels} x {size} float32; outputs {stages}")
+    else:
+        width = spec.num_classes or make_plan(spec).feature_info()[-1]["channels"]  # headless: the pooled features
+        click.echo(f"  input 'input': batch x {spec.in_channels} x {size} float32; output 'logits': batch x {width}")
     click.echo("  onnx.checker.check_model(full_check=True): ok")
     if weights is None:
         click.echo(f"note: no --weights given: the file holds seeded random weights (seed {seed}), not a trained "

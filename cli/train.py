@@ -65,10 +65,17 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
               help="--processes: the first loopback port of the ranks (default: free ones).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0,
               show_default=True, help="Data parallel: seconds a rank waits on the others before it gives up.")
+@click.option("--init", "init", type=click.Path(),
+              help="Start from these weights (any layout, or a checkpoint): what fits is loaded, a classifier of "
+                   "another class count re-initialised, the input conv adapted to the channels.")
+@click.option("--freeze", help="Hold this part and everything before it still: stem, layer1, ..., backbone "
+                               "(no gradient, no weight decay, BN statistics untouched).")
+@click.option("--lr-backbone", "lr_backbone", type=float,
+              help="The trained backbone's learning rate as a factor of --lr (the classifier keeps --lr).")
 def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, out, epochs, batch_size,
           optimizer, lr, momentum, nesterov, weight_decay, no_decay_norms_biases, schedule, milestones, warmup_epochs,
           label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume,
-          overwrite, distributed, processes, devices, sync_bn, port, timeout_s):
+          overwrite, distributed, processes, devices, sync_bn, port, timeout_s, init, freeze, lr_backbone):
     """Train a network on a data set: a progress bar on stderr, OUT/metrics.jsonl (one line per
     epoch), OUT/last.safetensors and OUT/best.safetensors checkpoints, OUT/curves.png, OUT/summary.json.
 
@@ -77,6 +84,7 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         portres train --arch resnet20 --data cifar10 --data-dir DIR --out runs/r20
         portres train --arch resnet20 --data digits --processes 2      # 2 local ranks (MLX ring)
         mlx.launch -n 2 -- $(which python) -m portres.cli train --arch resnet20 --distributed
+        portres train --arch resnet20 --data folder --data-dir DIR --init A/best.safetensors --freeze backbone
 
     Data parallel, --batch-size is the global batch: each replica trains on its share.
     One run at a time writes OUT; a non-empty OUT needs --resume (continue) or --overwrite (replace).
@@ -104,7 +112,8 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         milestones=_milestones(milestones), warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         augment=None if augment == "none" else augment, seed=seed, eval_every=eval_every, limit_train=limit_train,
         checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, distributed=distributed,
-        devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s, overwrite=overwrite)
+        devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s, overwrite=overwrite,
+        init=init, freeze=freeze, lr_backbone=lr_backbone)
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
     if processes is not None and processes > 1:
@@ -143,29 +152,40 @@ def rank(config_file):
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --arch.")
 @click.option("--backend", default="mlx", show_default=True, help="numpy, tinygrad, mlx or torch.")
 @click.option("--device", help="Backend device.")
-@click.option("--data", help="cifar10, cifar100, digits or folder (default: the checkpoint's; else digits).")
-@click.option("--data-dir", type=click.Path(), help="Where the data set's files are.")
+@click.option("--data", help="cifar10, cifar100, digits, folder or imagenet (default: the checkpoint's; else digits).")
+@click.option("--data-dir", type=click.Path(),
+              help="Where the data set's files are (imagenet: DIR/val/<wnid>/ or DIR/<class>/).")
+@click.option("--labels", "labels_file", type=click.Path(),
+              help="imagenet: DIR is a flat folder of images labelled by this file (`filename label` per line).")
 @click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, image_size, batch_size, as_json):
-    """Top-1 and top-5 error of trained weights on a data set's test split (eval-mode BN)."""
+def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, labels_file, image_size, batch_size,
+             as_json):
+    """Top-1 and top-5 error of trained weights on a data set's test split (eval-mode BN).
+
+    \b
+    --data imagenet streams an image folder from disk, each image prepared as the network's preset
+    says (resize + centre crop, mean/std: see docs/imagenet.md), and prints top-1/top-5 accuracy:
+        portres eval --data imagenet --data-dir ~/imagenet --arch resnet50 --weights resnet50-0676ba61.pth
+    """
     from portres import data as datasets
     from portres.model import build
-    from portres.training.checkpoint import CheckpointError, DescriptionError
-    from portres.training.loop import check_data_options, spec_of_checkpoint
+    from portres.training.loop import check_data_options
     from portres.training.loop import evaluate as run
 
+    if data == "imagenet":
+        _evaluate_image_folder(weights, name, depth, spec_file, backend, device, data_dir, labels_file, image_size,
+                               batch_size, as_json)
+        return
+    if labels_file is not None:
+        raise click.UsageError("--labels labels a flat image folder for --data imagenet; the other data sets "
+                               "carry their own labels")
     data, options = data_for(weights, data, image_size, "digits")  # a checkpoint is read on its own data
     check_data_options(options)  # before any image is loaded
     dataset = datasets.load(data, data_dir, **options)
     if name is None and spec_file is None and depth is None:
-        try:
-            spec = spec_of_checkpoint(weights)
-        except DescriptionError:  # an altered checkpoint: --arch would not make it right
-            raise
-        except CheckpointError as error:
-            raise click.UsageError(f"{error}: give --arch or --spec") from None
+        spec = _spec_of_checkpoint(weights)
     else:
         spec = load_spec(name, spec_file, depth)
         if spec_file is None:
@@ -181,4 +201,58 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, i
     click.echo(f"{spec.name} on {data} test ({count:,} images, {backend}): top-1 error {result['top1_error']:.4f} "
                f"(accuracy {1 - result['top1_error']:.2%}), top-5 error {result['top5_error']:.4f}, "
                f"loss {result['loss']:.4f}")
+    sys.stdout.flush()
+
+
+def _spec_of_checkpoint(weights):
+    from portres.training.checkpoint import CheckpointError, DescriptionError
+    from portres.training.loop import spec_of_checkpoint
+
+    try:
+        return spec_of_checkpoint(weights)
+    except DescriptionError:  # an altered checkpoint: --arch would not make it right
+        raise
+    except CheckpointError as error:
+        raise click.UsageError(f"{error}: give --arch or --spec") from None
+
+
+def _evaluate_image_folder(weights, name, depth, spec_file, backend, device, data_dir, labels_file, image_size,
+                           batch_size, as_json):
+    """`portres eval --data imagenet`: top-1/top-5 on an image folder streamed from disk."""
+    from portres.data.streaming import check_labels_fit, evaluate_stream, scan_image_folder, stream_batches
+    from portres.loading import load
+    from portres.training.loop import Progress
+
+    if data_dir is None:
+        raise click.UsageError("--data imagenet needs --data-dir DIR: DIR/val/<wnid>/*.JPEG, DIR/<class>/*.JPEG, "
+                               "or a flat folder of images with --labels FILE")
+    if image_size is not None:
+        raise click.UsageError("--image-size squashes digits/folder images; --data imagenet prepares each image as "
+                               "the network's preset says (resize + centre crop)")
+    folder = scan_image_folder(data_dir, labels_file=labels_file)  # a bad folder fails before the network loads
+    # the network a checkpoint records or a weights file's preset (recognised from its tensors), or the one named
+    arch = None if name is None and spec_file is None and depth is None else load_spec(name, spec_file, depth)
+    model = load(weights, backend, arch=arch, device=device)
+    spec = model.spec
+    check_labels_fit(folder, spec.num_classes, spec.name)
+    if folder.class_names is not None and len(folder.class_names) != spec.num_classes:
+        click.echo(f"note: {folder.root} has {len(folder.class_names):,} class folders and {spec.name} "
+                   f"{spec.num_classes:,} classes; folder i (in sorted order) is read as class i", err=True)
+    config = model.data_config
+    progress, total = Progress(), len(folder)
+
+    def report(done: int) -> None:
+        filled = 30 * done // total
+        progress.update(f"eval [{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} images", final=done == total)
+
+    with stream_batches(folder, batch_size, config) as batches:
+        result = evaluate_stream(model, batches, progress=report)
+    result = {**result, "top1_error": 1 - result["top1_accuracy"], "top5_error": 1 - result["top5_accuracy"]}
+    if as_json:
+        click.echo(json.dumps({"network": spec.name, "data": "imagenet", "data_dir": str(folder.root), **result}))
+        return
+    count = result["images"]
+    click.echo(f"{spec.name} on {folder.root} ({count:,} images, {backend}): "
+               f"top-1 {result['top1_hits']:,}/{count:,} = {result['top1_accuracy']:.3%}, "
+               f"top-5 {result['top5_hits']:,}/{count:,} = {result['top5_accuracy']:.3%}")
     sys.stdout.flush()

@@ -14,19 +14,22 @@ when a backend is built.
 
 from . import zoo
 from .analysis import Summary, summary
+from .images import ImageError, preprocess
+from .loading import load
 from .model import Model, build
 from .plan import Plan, make_plan
 from .rewrites import fold_batch_norm
 from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
 from .training.grads import loss_and_grads
-from .weights import WeightsError, init_params, load_weights, save_weights
-from .zoo import get, resnet
+from .weights import LoadReport, WeightsError, init_params, load_weights, save_weights
+from .zoo import DataConfig, data_config, get, resnet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "Plan", "ResNetSpec", "SpecError", "StageSpec", "StemSpec", "Summary", "WeightsError",
-    "build", "fold_batch_norm", "get", "init_params", "load_weights", "loss_and_grads", "make_plan", "resnet",
-    "save_weights",
+    "DataConfig", "ImageError", "LoadReport", "Model", "Plan", "ResNetSpec", "SpecError", "StageSpec", "StemSpec",
+    "Summary", "WeightsError",
+    "build", "data_config", "fold_batch_norm", "get", "init_params", "load", "load_weights", "loss_and_grads",
+    "make_plan", "preprocess", "resnet", "save_weights",
     "summary", "zoo",
 ]

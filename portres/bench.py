@@ -162,6 +162,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     """Build, time and describe one backend in this process (the child's job)."""
     from . import backends
     from .analysis import summary
+    from .plan import make_plan
     from .spec import ResNetSpec
 
     spec = ResNetSpec.from_dict(config.spec)
@@ -194,8 +195,9 @@ def run_benchmark(config: BenchConfig) -> dict:
         latencies.append(elapsed)
         progress(f"first call {first_call_s:.2f} s; pass {i + 1}/{config.iters}: {elapsed * 1e3:.0f} ms")
     logits = backend.to_numpy(out)
-    if logits.shape != (config.batch, spec.num_classes) or not np.all(np.isfinite(logits)):
-        raise RuntimeError(f"{config.backend} produced {logits.shape} logits with NaN/inf: the timing is void")
+    width = spec.num_classes or make_plan(spec).feature_info()[-1]["channels"]  # headless: the pooled features
+    if logits.shape != (config.batch, width) or not np.all(np.isfinite(logits)):
+        raise RuntimeError(f"{config.backend} produced {logits.shape} outputs with NaN/inf: the timing is void")
     median = _percentile(latencies, 50)
     # a training step is about 3 forward passes of work: the forward, and the backward's two GEMMs per conv
     macs = summary(spec, config.input_size).macs * (3 if config.train else 1)
@@ -267,6 +269,7 @@ def _training_pass(spec, config: BenchConfig, group=None):
     config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
     if config.batch < 2:
         raise ValueError("training needs --batch 2 or more: train-mode batch norm normalises over the batch")
+    spec.require_classifier("a training benchmark")
     optimizer = SGD(momentum=0.9, weight_decay=1e-4)
     state = {"arrays": initial_state(plan, backend, init_params(plan, config.seed), optimizer), "count": 0}
     step = make_train_step(plan, backend, optimizer)

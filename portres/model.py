@@ -6,6 +6,8 @@
     (2, 10)
     >>> sorted(model.features(np.zeros((1, 3, 32, 32))))
     ['layer1', 'layer2', 'layer3', 'stem']
+    >>> model.embed(np.zeros((2, 3, 32, 32), np.float32)).shape   # the classifier's input
+    (2, 64)
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from .zoo import resolve as resolve_spec
 class Model:
     """One spec on one backend. Parameters are explicit state held here, never global."""
 
-    def __init__(self, spec: ResNetSpec, backend, plan: Plan, params: dict[str, np.ndarray]):
+    def __init__(self, spec: ResNetSpec, backend, plan: Plan, params: dict[str, np.ndarray], *,
+                 class_names=None, data_config=None):
         self.spec = spec  # the architecture
+        self._data_config = data_config  # how images become its inputs (None: the preset's, portres.data_config)
         self.backend = backend  # the backend's Backend object (device, dtype, primitives)
         self.plan = plan  # the plan it executes (BN may be folded into convs)
+        self._class_names = None if class_names is None else checked_class_names(spec, class_names)
+        self._compiled_outputs: dict = {}  # (exact variant?, plan values) -> compiled forward returning them
         # a backend whose framework keeps process-wide state has a real lock (tinygrad); calls then take turns
         self._lock = backend.lock
         self.params = backend.load_params(plan, params)  # backend arrays, keyed by parameter name
@@ -37,6 +43,27 @@ class Model:
         # propagate as in the reference (a finite input never pays for this)
         exact = backend.for_nonfinite_input()
         self._exact = (exact, exact.compile(self._logits_on(exact))) if exact is not backend else None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The label of each output class: the ones given (a checkpoint's), else ImageNet-1k's for a
+        1000-class network, else None (then labels read ``class N``)."""
+        if self._class_names is None:
+            from .data.imagenet import class_names
+
+            self._class_names = class_names(self.spec.num_classes)
+        return self._class_names
+
+    @property
+    def data_config(self):
+        """How an image becomes this network's input (:func:`portres.preprocess` with ``config=``): the one
+        given (a ``portres train`` checkpoint's: its image size and its data set's mean and std), else
+        the preset's (:func:`portres.data_config`)."""
+        if self._data_config is None:
+            from .zoo import data_config
+
+            self._data_config = data_config(self.spec)
+        return self._data_config
 
     def __repr__(self) -> str:
         return f"<portres.Model {self.spec.name} on {self.backend.name}:{self.backend.device} {self.backend.dtype}>"
@@ -67,12 +94,61 @@ class Model:
         input; ``model(x)`` handles NaN/inf exactly."""
         return self._forward(self.params, x_on_device)
 
-    def features(self, x) -> dict[str, np.ndarray]:
-        """The stem's and every stage's output (NCHW), keyed ``stem``, ``layer1``, ..."""
-        return self.values(x, [value for _, value in self.plan.features], names=dict(self.plan.features))
+    @property
+    def feature_info(self) -> list[dict]:
+        """One dict per feature (the stem, then each stage): ``name``, ``channels`` and ``reduction``
+        (input pixels per output pixel, per side), read off the plan.
+
+            >>> portres.build("resnet50").feature_info[3]
+            {'name': 'layer3', 'channels': 1024, 'reduction': 16}
+        """
+        return self.plan.feature_info()
+
+    def features(self, x, stages=None) -> dict[str, np.ndarray]:
+        """The stem's and stages' outputs (NCHW), keyed ``stem``, ``layer1``, ...: those named in
+        ``stages`` (default: all), computed by the backend's compiled path and only as far as needed.
+
+            >>> model.features(images, ["layer3"])["layer3"].shape
+            (1, 1024, 14, 14)
+        """
+        by_name = dict(self.plan.features)
+        names = list(by_name) if stages is None else list(dict.fromkeys([stages] if isinstance(stages, str)
+                                                                         else stages))
+        unknown = [name for name in names if name not in by_name]
+        if unknown or not names:
+            raise ValueError(f"unknown stage {', '.join(map(repr, unknown)) or '(none given)'} of "
+                             f"{self.spec.name}: choose from {', '.join(by_name)}")
+        outputs = self.compiled_values(x, [by_name[name] for name in names])
+        return dict(zip(names, outputs))
+
+    def embed(self, x) -> np.ndarray:
+        """The globally pooled features ``(N, C)``: the classifier's input (a headless model's output).
+
+            >>> portres.build("resnet50").embed(images).shape
+            (1, 2048)
+        """
+        return self.compiled_values(x, [self.plan.pooled])[0]
+
+    def compiled_values(self, x, values) -> list[np.ndarray]:
+        """Plan values (by value name) for the NCHW batch ``x``, from a compiled forward pass that stops
+        at the last of them (one compilation per set of values, kept)."""
+        x = self.check_input(x)
+        values = tuple(values)
+        backend, _ = self._lowering_for(x)
+        key = (backend is not self.backend, values)
+        with self._lock:
+            if key not in self._compiled_outputs:
+                self._compiled_outputs[key] = backend.compile(self._values_on(backend, values))
+            outputs = self._compiled_outputs[key](self.params, backend.from_numpy(x))
+            return [backend.to_numpy(value) for value in outputs]
+
+    def _values_on(self, backend, values: tuple[str, ...]):
+        plan = self.plan.truncated(values)
+        return lambda params, x: tuple(run_plan(plan, backend, params, x, keep=values)[value] for value in values)
 
     def values(self, x, keep, names: dict | None = None) -> dict[str, np.ndarray]:
-        """Intermediate values by plan value name (``names`` maps new keys to value names)."""
+        """Intermediate values by plan value name (``names`` maps new keys to value names), op by op
+        (uncompiled: any values, e.g. for locating a divergence)."""
         x = self.check_input(x)
         backend, _ = self._lowering_for(x)
         with self._lock:
@@ -86,6 +162,15 @@ class Model:
         with self._lock:
             args = [self.backend.from_numpy(np.asarray(a)) for a in inputs]
             return self.backend.to_numpy(apply_op(self.backend, op, args, self.params))
+
+
+def checked_class_names(spec: ResNetSpec, names) -> tuple[str, ...]:
+    """``names`` as a tuple of strings, one per output class of ``spec`` (``ValueError`` if not)."""
+    names = tuple(names)
+    if not all(isinstance(name, str) for name in names) or len(names) != spec.num_classes:
+        raise ValueError(f"{len(names)} class names for {spec.name}'s {spec.num_classes} classes: "
+                         "give one name (a string) per class")
+    return names
 
 
 def check_images(plan: Plan, x, min_batch: int = 1) -> np.ndarray:
@@ -129,13 +214,16 @@ def plan_and_params(spec, params=None, *, seed: int = 0, fold: bool = False,
 
 
 def build(spec, backend: str = "numpy", params=None, *, device: str | None = None, dtype: str | None = None,
-          fold_batch_norm_into_conv: bool | None = None, seed: int = 0, **backend_options) -> Model:
+          fold_batch_norm_into_conv: bool | None = None, seed: int = 0, class_names=None, data_config=None,
+          **backend_options) -> Model:
     """Lower ``spec`` (a ResNetSpec or preset name) to ``backend``.
 
     ``params``: a mapping or weights file checked strictly against the spec (``None``:
     ``init_params(spec, seed)``). ``dtype``: the backend's compute dtype (``None``: float64
     for numpy, float32 elsewhere). BN folding defaults to what the backend prefers.
     ``backend_options`` go to the backend (mlx: ``cpu_streams``; torch: ``channels_last``).
+    ``class_names``: one label per class (default: ImageNet's for 1000 classes, else none);
+    ``data_config``: how images become inputs (default: the preset's, ``portres.data_config``).
 
         >>> logits = portres.build("resnet18", "tinygrad", device="CPU")(images)
     """
@@ -147,7 +235,7 @@ def build(spec, backend: str = "numpy", params=None, *, device: str | None = Non
     fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv
     spec, plan, params = plan_and_params(spec, params, seed=seed, fold=fold)
     _check_range(params, lowering.dtype)
-    return Model(spec, lowering, plan, params)
+    return Model(spec, lowering, plan, params, class_names=class_names, data_config=data_config)
 
 
 def _check_range(params: dict[str, np.ndarray], dtype: str) -> None:

@@ -277,7 +277,7 @@ class Plan:
     spec: ResNetSpec  # what the plan was made from
     ops: tuple[Op, ...]  # in execution order
     features: tuple[tuple[str, str], ...]  # (feature name, value name): stem and each stage's output
-    output: str  # value name of the logits
+    output: str  # value name of the logits (of the pooled features in a headless spec)
     total_stride: int  # input pixels per final feature-map pixel, per side
     blocks: tuple[Block, ...] = ()  # every residual (or plain) block, in order
 
@@ -347,6 +347,37 @@ class Plan:
             if op.name in self.block_of:
                 last[self.block_of[op.name].name] = op.output
         return frozenset(last.values())
+
+    @cached_property
+    def pooled(self) -> str:
+        """Value name of the globally pooled features (N, C): the classifier's input, a headless plan's output.
+
+            >>> make_plan("resnet20").pooled
+            'avgpool'
+        """
+        return next(op.output for op in reversed(self.ops) if op.kind == "global_avg_pool")
+
+    def feature_info(self) -> list[dict]:
+        """One dict per feature (stem and each stage): ``name``, ``channels`` and ``reduction`` (input
+        pixels per output pixel, per side), read off the plan's shapes.
+
+            >>> make_plan("resnet50").feature_info()[3]
+            {'name': 'layer3', 'channels': 1024, 'reduction': 16}
+        """
+        side = self.total_stride * 64  # a multiple of every stride, so each reduction divides it exactly
+        shapes = self.shapes(side)
+        return [{"name": name, "channels": shapes[value][0], "reduction": side // shapes[value][1]}
+                for name, value in self.features]
+
+    def truncated(self, values) -> Plan:
+        """This plan cut after the last op that writes one of ``values`` (what computing only them needs).
+
+            >>> make_plan("resnet20").truncated(["layer1.2.relu2"]).output
+            'layer1.2.relu2'
+        """
+        wanted = set(values)
+        last = max(index for index, op in enumerate(self.ops) if op.output in wanted)
+        return dataclasses.replace(self, ops=self.ops[:last + 1], output=self.ops[last].output)
 
     def last_uses(self) -> dict[str, int]:
         """For each value, the index of the last op that reads it (to free memory early)."""
@@ -430,7 +461,8 @@ def _build_plan(spec: ResNetSpec) -> Plan:
         x = b.add("final_bn", BatchNorm(channels, spec.bn_eps), x)
         x = b.add("final_relu", ReLU(), x)
     x = b.add("avgpool", GlobalAvgPool(), x)
-    x = b.add("fc", Linear(channels, spec.num_classes), x)
+    if spec.num_classes:  # headless (num_classes=0): the pooled features are the output
+        x = b.add("fc", Linear(channels, spec.num_classes), x)
     return Plan(spec, _with_conv_biases(b.ops, spec.conv_bias), tuple(features), x, total_stride, tuple(b.blocks))
 
 

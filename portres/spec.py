@@ -118,7 +118,7 @@ class ResNetSpec:
     residual: bool = True  # False builds the plain (shortcut-free) twin
     zero_init_last_bn: bool = False  # init each block's last BN scale to 0 (Goyal et al. 2017)
     bn_eps: float = 1e-5  # epsilon of every batch norm
-    num_classes: int = 1000  # outputs of the final linear layer
+    num_classes: int = 1000  # outputs of the final linear layer; 0: headless (no fc, the pooled features come out)
     in_channels: int = 3  # channels of the input image
 
     def __post_init__(self) -> None:
@@ -150,7 +150,7 @@ class ResNetSpec:
                             "use shortcut='B' or stride_only_shortcut='project'")
         _check_int("groups", self.groups, maximum=MAX_CHANNELS)
         _check_int("width_factor", self.width_factor, maximum=MAX_CHANNELS)
-        _check_int("num_classes", self.num_classes, maximum=MAX_CLASSES)
+        _check_int("num_classes", self.num_classes, minimum=0, maximum=MAX_CLASSES)
         _check_int("in_channels", self.in_channels, maximum=MAX_IN_CHANNELS)
         for flag in ("residual", "zero_init_last_bn"):
             if not isinstance(getattr(self, flag), bool):
@@ -227,6 +227,18 @@ class ResNetSpec:
         return self.out_width(self.stages[-1])
 
     # -- JSON --
+
+    def require_classifier(self, what: str) -> None:
+        """Raise ``SpecError`` naming ``what`` when the network is headless (``num_classes=0``): a loss, a
+        gradient or a prediction needs class outputs.
+
+            >>> ResNetSpec(name="trunk", num_classes=0).require_classifier("training")
+            Traceback (most recent call last):
+            SpecError: trunk is headless (num_classes=0): training needs a classifier; give it num_classes >= 1
+        """
+        if self.num_classes == 0:
+            raise SpecError(f"{self.name} is headless (num_classes=0): {what} needs a classifier; give it "
+                            "num_classes >= 1")
 
     def to_dict(self) -> dict:
         """Plain-JSON form; ``ResNetSpec.from_dict(spec.to_dict()) == spec``."""

@@ -64,7 +64,7 @@ def run_plan(plan: Plan, primitives, params: dict, x, keep: tuple[str, ...] = ()
 
 def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float | None = 0.1,
                    keep: tuple[str, ...] = (), probes: dict | None = None,
-                   constants: dict | None = None) -> tuple[dict, dict]:
+                   constants: dict | None = None, frozen_norms=frozenset()) -> tuple[dict, dict]:
     """Execute ``plan`` with batch norm in training mode; returns ``(values, running_stats)``.
 
     Each BN normalises with its batch's mean and biased variance (the backend's
@@ -79,6 +79,9 @@ def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float |
     ``probes`` maps value names (``INPUT`` too) to arrays added to the value once it is written,
     and ``constants`` maps extra value names to arrays ops may read (e.g. a detached copy).
 
+    ``frozen_norms`` names BN ops of a frozen part (``portres train --freeze``): they run in eval mode
+    with their running statistics, which are neither updated nor returned.
+
         >>> values, stats = run_plan_train(plan, backend, params, images)
         >>> sorted(stats)[:2]
         ['bn1.running_mean', 'bn1.running_var']
@@ -86,7 +89,7 @@ def run_plan_train(plan: Plan, primitives, params: dict, x, *, momentum: float |
     running_stats: dict = {}
 
     def apply(op: Op, args: list):
-        if op.kind != "batch_norm":
+        if op.kind != "batch_norm" or op.name in frozen_norms:
             return apply_op(primitives, op, args, params)
         name = op.name
         y, mean, var = primitives.batch_norm_train(args[0], params[f"{name}.weight"], params[f"{name}.bias"],

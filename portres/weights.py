@@ -34,12 +34,14 @@ module dispatches on a file's suffix:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ import numpy as np
 from . import interop
 from .analysis import nearest_presets
 from .interop import keras, pth
-from .plan import Plan, as_plan
+from .plan import INPUT, Plan, as_plan
 from .spec import ResNetSpec
 from .tensorfiles import (
     KERAS_FORMATS,
@@ -235,9 +237,12 @@ def _cast(name: str, array: np.ndarray, target: np.dtype) -> tuple[np.ndarray | 
                   f"{float(np.finfo(target).max):.6g}); rescale it or load with a wider dtype, e.g. dtype='float64'")
 
 
-def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32", layout: str = "torchvision"
-                 ) -> dict[str, np.ndarray]:
+def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32", layout: str = "torchvision",
+                 strict: bool = True, seed: int = 0):
     """Check ``source`` (a path or a mapping) against ``spec``; return copies in ``dtype``.
+
+    ``strict=False`` (transfer learning) returns ``(params, report)`` instead: see
+    :func:`load_weights_leniently`, which it calls with ``seed``.
 
     Strict: every missing, unexpected, misshapen, non-numeric or non-finite entry, and every
     value too large for ``dtype`` (checked after the cast), is reported in one
@@ -257,6 +262,8 @@ def load_weights(source, spec: ResNetSpec | Plan, *, dtype="float32", layout: st
         dtype('float32')
         >>> params = load_weights("resnet50.weights.h5", portres.get("keras_resnet50"), layout="keras")
     """
+    if not strict:
+        return load_weights_leniently(source, spec, dtype=dtype, layout=layout, seed=seed)
     plan = as_plan(spec)
     target = _float_dtype(dtype)
     interop.schemes(layout)  # an unknown layout fails before any file is opened
@@ -364,7 +371,242 @@ def _looks_like(shapes: Mapping[str, tuple], plan: Plan) -> str:
     return f"\n  closest preset: {names} ({matched} of its {total} tensors match by name and shape)"
 
 
+# -- lenient loading (transfer learning) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_weights_leniently` did with each tensor (portres names; ``skipped``: the source's).
+
+        >>> params, report = load_weights("r18.safetensors", five_class_spec, strict=False)
+        >>> report.reinitialised
+        {'fc.weight': 'the file has 1000 classes, this network 5', 'fc.bias': '...'}
+        >>> report.summary()
+        'loaded 100 of 102 tensors from r18.safetensors; re-initialised fc.weight, fc.bias (the file has ...)'
+    """
+
+    source: str  # the file (or "the given mapping")
+    loaded: tuple[str, ...] = ()  # taken from the source as they are
+    adapted: dict[str, str] = field(default_factory=dict)  # name -> how (the input conv: another channel count)
+    reinitialised: dict[str, str] = field(default_factory=dict)  # name -> why (the classifier: another class count)
+    skipped: dict[str, str] = field(default_factory=dict)  # the source's name -> why it was not used
+
+    @property
+    def total(self) -> int:
+        """The network's tensors (each loaded, adapted or re-initialised)."""
+        return len(self.loaded) + len(self.adapted) + len(self.reinitialised)
+
+    def summary(self) -> str:
+        """One line: how many tensors were loaded, and each group adapted, re-initialised or skipped, with why."""
+        parts = [f"loaded {len(self.loaded)} of {self.total} tensors from {self.source}"]
+        for verb, entries in (("adapted", self.adapted), ("re-initialised", self.reinitialised),
+                              ("skipped", self.skipped)):
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in entries.items():
+                by_reason.setdefault(reason, []).append(name)
+            parts += [f"{verb} {listed(names)} ({reason})" for reason, names in by_reason.items()]
+        return "; ".join(parts)
+
+
+def classifier_names(plan: Plan) -> list[str]:
+    """The parameters of the classifier (the linear layers after the last stage): what a new class count
+    re-initialises and what ``--lr-backbone`` leaves at the full learning rate.
+
+        >>> classifier_names(make_plan("resnet18"))
+        ['fc.weight', 'fc.bias']
+    """
+    return [name for op in as_plan(plan).ops if op.kind == "linear" for name in op.param_shapes()]
+
+
+def input_conv_names(plan: Plan) -> list[str]:
+    """The weights of the convolutions that read the image: adapted when the input channel count differs.
+
+        >>> input_conv_names(make_plan("resnet50d"))
+        ['conv1.0.weight']
+    """
+    return [f"{op.name}.weight" for op in as_plan(plan).ops if op.kind == "conv2d" and INPUT in op.inputs]
+
+
+def adapt_input_conv(weight: np.ndarray, in_channels: int) -> np.ndarray:
+    """A first conv's ``weight`` (O, I, kH, kW) made for ``in_channels`` input channels, as timm's
+    ``adapt_input_conv`` does: to 1 channel the RGB weights are summed (space-to-depth stems: each RGB
+    triple: a grey image then gives the response its RGB copy gave); to any other count they are repeated
+    ``ceil(C / 3)`` times, cut to C and scaled by ``3 / C``, which keeps the response's scale. Computed in
+    float64, returned in the weight's dtype.
+
+        >>> adapt_input_conv(np.ones((8, 3, 3, 3), np.float32), 1)[0, 0, 0, 0]
+        3.0
+        >>> adapt_input_conv(np.ones((8, 3, 3, 3)), 4).shape
+        (8, 4, 3, 3)
+    """
+    weight = np.asarray(weight)
+    out, given, height, width = weight.shape
+    wide = weight.astype(np.float64)
+    if in_channels == 1 and given > 3 and given % 3 == 0:
+        adapted = wide.reshape(out, given // 3, 3, height, width).sum(axis=2)
+    elif in_channels == 1 and given == 3:
+        adapted = wide.sum(axis=1, keepdims=True)
+    elif given == 3:
+        adapted = np.tile(wide, (1, math.ceil(in_channels / 3), 1, 1))[:, :in_channels] * (3 / in_channels)
+    else:
+        raise WeightsError(f"an input conv of {given} channels cannot be adapted to {in_channels}: only RGB weights "
+                           "(3 input channels) are")
+    return adapted.astype(weight.dtype if weight.dtype.kind == "f" else np.float64)
+
+
+def load_weights_leniently(source, spec: ResNetSpec | Plan, *, dtype="float32", layout: str = "auto",
+                           seed: int = 0) -> tuple[dict[str, np.ndarray], LoadReport]:
+    """``(params, report)``: every tensor of ``source`` whose name and shape fit ``spec``, the rest made as
+    :func:`init_params` makes them (``seed``). What ``load_weights(..., strict=False)`` and
+    ``portres train --init`` do.
+
+    Only the ends of the network may differ from the source's: the classifier is re-initialised when its
+    class count differs (or the source has none: a headless file); the input conv is adapted as timm does
+    (:func:`adapt_input_conv`) when the input channel count differs; a headless ``spec`` skips the
+    source's classifier. Anything else - a backbone tensor missing, of another shape or extra - means the
+    file is another network's, and is refused in one line (naming the preset it looks like).
+
+        >>> params, report = load_weights_leniently("runs/a/best.safetensors", portres.resnet(20, num_classes=5))
+        >>> report.summary()
+        'loaded 64 of 66 tensors from runs/a/best.safetensors; re-initialised fc.weight, fc.bias (...)'
+    """
+    plan = as_plan(spec)
+    target = _float_dtype(dtype)
+    interop.schemes(layout)
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (str, os.PathLike)):
+            origin = str(source)
+            entries = stack.enter_context(open_weights_file(source))
+            given = {name: entry for name, entry in entries.items() if not is_training_state(name)}
+            described = {name: (tuple(entry.shape), np.dtype(entry.dtype)) for name, entry in given.items()}
+            read = lambda name: given[name].read()  # noqa: E731
+        elif isinstance(source, Mapping):
+            origin = "the given mapping"
+            try:
+                given = {str(k): to_numpy(v) for k, v in source.items() if not is_training_state(str(k))}
+            except Exception as error:  # noqa: BLE001 - any unconvertible object is a user error here
+                raise WeightsError(f"weights from {origin}: a value is not an array ({error})") from None
+            described = {name: (array.shape, array.dtype) for name, array in given.items()}
+            read = lambda name: given[name]  # noqa: E731
+        else:
+            raise WeightsError(f"weights must be a file path or a mapping of name -> array, got "
+                               f"{type(source).__name__}")
+        params, report = _fit_leniently(origin, plan, described, read, layout, target, seed)
+    return params, report
+
+
+def _fit_leniently(origin: str, plan: Plan, described: dict, read, layout: str, target: np.dtype, seed: int
+                   ) -> tuple[dict[str, np.ndarray], LoadReport]:
+    """Decide each tensor's fate from the names and shapes alone (a file that does not fit is refused unread),
+    then read what is used."""
+    spelled, rename = _lenient_names(described, plan, layout)  # source name -> spelled; spelled -> (name, transform)
+    by_name = {name: (foreign, transform) for foreign, (name, transform) in rename.items()}
+    source_of = {foreign: original for original, foreign in spelled.items()}
+    classifier, input_convs = set(classifier_names(plan)), set(input_conv_names(plan))
+    taken, loaded, adapted, reinitialised, skipped, problems, missing, extra = {}, [], {}, {}, {}, [], [], []
+    for name, (shape, _) in plan.param_shapes().items():
+        foreign, transform = by_name[name]
+        original = source_of.get(foreign)
+        if original is None:
+            if name in classifier:
+                reinitialised[name] = "the file has no classifier"
+            else:
+                missing.append(name)
+            continue
+        given_shape, given_dtype = tuple(described[original][0]), described[original][1]
+        if given_dtype.kind not in NUMERIC_KINDS:
+            problems.append(f"{original}: dtype {given_dtype} is not numeric")
+        elif given_shape == tuple(transform.foreign_shape(shape)):
+            taken[name] = original
+            loaded.append(name)
+        elif name in input_convs and (channels := _input_channels(transform, shape, given_shape)) is not None:
+            if channels == 3 or (shape[1] == 1 and channels % 3 == 0):
+                taken[name] = original
+                adapted[name] = f"the file has {channels} input channels, this network {shape[1]}"
+            else:
+                problems.append(f"{original}: {channels} input channels cannot be adapted to {shape[1]} (only RGB "
+                                "weights can)")
+        elif name in classifier:
+            reinitialised[name] = _class_count_change(plan, described, by_name, source_of)
+        else:
+            problems.append(f"{original}: shape {shortened(str(list(given_shape)))}, expected "
+                            f"{list(transform.foreign_shape(shape))}")
+    head = _source_classifier(plan, layout, spelled)
+    for original, foreign in spelled.items():
+        if foreign not in rename:
+            if original in head:
+                skipped[original] = "this network has no classifier"
+            else:
+                extra.append(original)
+    for names, what in ((missing, "missing from the file"), (extra, f"not in {plan.spec.name}")):
+        if names:
+            problems.insert(0, f"{len(names):,} tensors {what} ({', '.join(capped(names, limit=3))})")
+    if not problems:
+        fresh = init_params(plan, seed) if reinitialised else {}
+        result = {name: fresh[name].astype(target) for name in reinitialised}  # seeded init: finite, small
+        for name, original in taken.items():
+            value = by_name[name][1].to_portres(read(original))
+            if name in adapted:
+                value = adapt_input_conv(value, plan.param_shapes()[name][0][1])
+            result[name], problem = _cast(original, value, target)
+            if problem:
+                problems.append(problem)
+    if problems:
+        shapes = {name: shape for name, (shape, _) in described.items()}
+        hint = _looks_like(shapes, plan).strip().replace("\n", " ") if layout in ("torchvision", "auto") else ""
+        shown = "; ".join(capped(problems, "more", limit=4))
+        raise WeightsError(f"weights from {origin} do not fit {plan.spec.name}, even leniently (only the classifier "
+                           f"and the input conv may differ): {shown}{'; ' + hint if hint else ''}")
+    report = LoadReport(origin, tuple(loaded), adapted, reinitialised, skipped)
+    return {name: result[name] for name in plan.param_shapes()}, report
+
+
+def _input_channels(transform, shape: tuple, given_shape: tuple) -> int | None:
+    """The input channels of a source conv weight of ``given_shape`` that differs from ``shape`` (portres
+    layout) in them alone, or None."""
+    for channels in set(given_shape):
+        if tuple(transform.foreign_shape((shape[0], channels, *shape[2:]))) == given_shape:
+            return channels
+    return None
+
+
+def _lenient_names(described: dict, plan: Plan, layout: str) -> tuple[dict[str, str], dict]:
+    """``({source name: its spelling under the scheme}, {spelling: (portres name, transform)})``. The scheme is
+    ``layout``'s or, for ``"auto"``, the one with the most of the source's names (a head of another class
+    count, or none, must not stop a scheme from being recognised, as it stops :func:`interop.detect`)."""
+    if layout == "torchvision":
+        return {name: name for name in described}, interop.identity_map(plan)
+    candidates = [interop.match(scheme, list(described), plan) for scheme in interop.schemes(layout)]
+    applicable = [candidate for candidate in candidates if candidate.name_map is not None]
+    if not applicable:
+        raise WeightsError(f"no naming scheme of layout {layout!r} can name {plan.spec.name}'s weights: "
+                           + "; ".join(candidate.describe() for candidate in candidates))
+    scheme = max(applicable, key=lambda candidate: candidate.matched).scheme  # the first of a tie: torchvision's
+    spelled = {name: scheme.normalize(name) for name in described}
+    return spelled, scheme.name_map(plan)
+
+
+def _class_count_change(plan: Plan, described: dict, by_name: dict, source_of: dict) -> str:
+    """Why the classifier is re-initialised: the class counts of the file and of ``plan``."""
+    linear = next(op for op in reversed(plan.ops) if op.kind == "linear")
+    bias = source_of.get(by_name[f"{linear.name}.bias"][0])
+    shape = described[bias][0] if bias is not None else ()
+    theirs = f"{shape[0]} classes" if len(shape) == 1 else "another classifier"
+    return f"the file has {theirs}, this network {linear.layer.out_features}"
+
+
+def _source_classifier(plan: Plan, layout: str, spelled: dict[str, str]) -> set[str]:
+    """The source's names of a classifier, for a headless ``plan`` (which has none): those the same network
+    with one class has, under the scheme the source's names fit."""
+    if plan.spec.num_classes:
+        return set()
+    headed = as_plan(dataclasses.replace(plan.spec, num_classes=1))
+    spelling, rename = _lenient_names(dict.fromkeys(spelled), headed, layout)
+    head = {foreign for foreign, (name, _) in rename.items() if name in classifier_names(headed)}
+    return {original for original, foreign in spelling.items() if foreign in head}
+
 # Re-exported from tensorfiles for callers that know them here (training/, the CLI, tests).
-__all__ = ["TRAINING_STATE", "WeightsError", "capped", "describe_weights_file", "init_params", "is_training_state",
-           "listed", "load_weights", "nearest_presets", "open_weights_file", "read_metadata", "read_weights_file",
+__all__ = ["TRAINING_STATE", "LoadReport", "WeightsError", "adapt_input_conv", "capped", "classifier_names",
+           "describe_weights_file", "init_params", "input_conv_names", "is_training_state", "listed", "load_weights",
+           "load_weights_leniently", "nearest_presets", "open_weights_file", "read_metadata", "read_weights_file",
            "save_weights"]

@@ -8,12 +8,15 @@ normalisation, the naming scheme of its published weights). This module imports 
     True
     >>> portres.zoo.entry("keras_resnet50").layout, portres.zoo.default_input_size("resnet20")
     ('keras', 32)
+    >>> portres.data_config("resnet50").resize_size       # how its weights want images prepared
+    256
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 from .spec import ResNetSpec, SpecError, StageSpec, StemSpec
 
@@ -45,6 +48,121 @@ KERAS_V2_STRIDES = (2, 2, 2, 1)
 # torchvision's and timm's ImageNet normalisation of [0, 1] RGB images
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's IMAGENET_INCEPTION_MEAN/STD, which its ResNetV2 weights expect: [0, 1] -> [-1, 1]
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+# Keras' "caffe" mode (keras.applications.resnet.preprocess_input): BGR, this mean subtracted on the 0-255 scale
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# CIFAR-10's training images, per channel on the [0, 1] scale (population std over all 50,000 x 32 x 32 pixels):
+# what portres.data.channel_stats computes for --data cifar10, so predicting normalises as training did
+CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # Pillow's resampling filters of those names
+CHANNEL_ORDERS = {"RGB": 3, "BGR": 3, "L": 1}  # channel order -> channels ("L": one grayscale channel)
+# how 0-255 pixels are scaled before (x - mean) / std: "unit" x / 255 (torchvision, timm), "raw" x as is
+# (Keras' caffe mode), "symmetric" x / 127.5 - 1 (Keras' "tf" mode, [-1, 1])
+SCALES = ("unit", "raw", "symmetric")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How an image becomes a network input (what :func:`portres.preprocess` does):
+
+    1. resize the shorter side to ``resize_size`` with ``interpolation`` (Pillow, antialiased), keeping
+       the aspect ratio, then crop the central ``input_size`` x ``input_size`` (torchvision's
+       ``Resize(resize_size)`` + ``CenterCrop(input_size)``); ``resize_size=None``: no resize, except that
+       an image not already ``input_size`` x ``input_size`` is resized to it (squashed, as portres's
+       folder loader does);
+    2. channels in ``channel_order`` ("RGB", "BGR" or "L" grayscale), pixels scaled by ``scale``, then
+       ``(x - mean) / std`` per channel (``mean``/``std`` in ``channel_order``'s order).
+
+        >>> data_config("resnet50")
+        DataConfig(input_size=224, resize_size=256, interpolation='bilinear', mean=(0.485, 0.456, 0.406), \
+std=(0.229, 0.224, 0.225), channel_order='RGB', scale='unit', source='torchvision')
+        >>> data_config("keras_resnet50").scale, data_config("keras_resnet50").channel_order
+        ('raw', 'BGR')
+    """
+
+    input_size: int = 224  # the side of the (square) network input
+    resize_size: int | None = 256  # the shorter side before the centre crop; None: no resize (see above)
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channel_order: str = "RGB"  # one of CHANNEL_ORDERS
+    scale: str = "unit"  # one of SCALES
+    source: str = "torchvision"  # whose convention this is, for messages and `portres list`
+
+    def __post_init__(self):
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"DataConfig.{name}={value!r} must be a positive integer")
+
+        positive_int("input_size", self.input_size)
+        if self.resize_size is not None:
+            positive_int("resize_size", self.resize_size)
+            if self.resize_size < self.input_size:
+                raise SpecError(f"DataConfig.resize_size={self.resize_size} is smaller than input_size="
+                                f"{self.input_size}: the centre crop would not fit")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SpecError(f"DataConfig.interpolation={self.interpolation!r} must be one of "
+                            f"{', '.join(INTERPOLATIONS)}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise SpecError(f"DataConfig.channel_order={self.channel_order!r} must be one of "
+                            f"{', '.join(CHANNEL_ORDERS)}")
+        if self.scale not in SCALES:
+            raise SpecError(f"DataConfig.scale={self.scale!r} must be one of {', '.join(SCALES)}")
+        for name in ("mean", "std"):
+            values = tuple(getattr(self, name))
+            if len(values) != self.channels or not all(isinstance(v, (int, float)) for v in values):
+                raise SpecError(f"DataConfig.{name}={values!r} needs {self.channels} number(s), one per channel of "
+                                f"{self.channel_order}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if not all(v > 0 for v in self.std):
+            raise SpecError(f"DataConfig.std={self.std!r} must be positive")
+
+    @property
+    def channels(self) -> int:
+        """Channels of the network input: 3, or 1 for grayscale ("L")."""
+        return CHANNEL_ORDERS[self.channel_order]
+
+    @property
+    def crop_pct(self) -> float:
+        """timm's name for ``input_size / resize_size`` (1.0 without a resize)."""
+        return 1.0 if self.resize_size is None else self.input_size / self.resize_size
+
+
+def timm_data_config(input_size: int, crop_pct: float, interpolation: str, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD) -> DataConfig:
+    """timm's evaluation transform (``transforms_imagenet_eval``): resize the shorter side to
+    ``floor(input_size / crop_pct)``, centre crop ``input_size``.
+
+        >>> timm_data_config(224, 0.95, "bicubic").resize_size
+        235
+    """
+    return DataConfig(input_size, math.floor(input_size / crop_pct), interpolation, mean, std, source="timm")
+
+
+TORCHVISION_DATA = DataConfig()  # torchvision's IMAGENET1K_V1 transforms: 256 bilinear, crop 224, ImageNet mean/std
+# Keras Applications' preprocess_input does not resize: the 256 -> 224 resize and crop is portres's choice
+# (the same as torchvision's, the usual evaluation protocol for these weights)
+KERAS_CAFFE_DATA = DataConfig(mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", scale="raw",
+                              source="keras")
+KERAS_TF_DATA = DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale="symmetric", source="keras")
+CIFAR10_DATA = DataConfig(32, None, mean=CIFAR10_MEAN, std=CIFAR10_STD, source="portres")
+# The default pretrained tag of each timm preset (timm/models/resnet.py, resnetv2.py: the first listed
+# tag of a model is its default): input size, crop_pct, interpolation, mean/std as timm declares them.
+TIMM_DATA = {
+    "resnet26d": timm_data_config(224, 0.875, "bicubic"),  # resnet26d.bt_in1k (_ttcfg)
+    "resnet50d": timm_data_config(224, 0.875, "bicubic"),  # resnet50d.ra2_in1k (_ttcfg)
+    "resnet101d": timm_data_config(256, 0.95, "bicubic"),  # resnet101d.ra2_in1k: 256 input, crop_pct 0.95
+    # resnetv2_*: IMAGENET_INCEPTION_MEAN/STD (0.5) in resnetv2.py's _cfg
+    "resnetv2_18": timm_data_config(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # .ra4_e3600_r224_in1k
+    "resnetv2_34": timm_data_config(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # .ra4_e3600_r224_in1k
+    "resnetv2_50": timm_data_config(224, 0.95, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # .a1h_in1k
+    "resnetv2_101": timm_data_config(224, 0.95, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # .a1h_in1k
+    "resnetv2_152": timm_data_config(224, 0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD),  # .untrained
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +177,12 @@ class ZooEntry:
     input_size: int  # the image side it is usually run at: 32 for CIFAR stems, 224 otherwise
     # per-channel normalisation of [0, 1] RGB images that its published weights expect; None where it has no
     # published weights (the data set's own statistics apply) or they expect other preprocessing (Keras v1:
-    # BGR with the mean subtracted on a 0-255 scale)
+    # BGR with the mean subtracted on a 0-255 scale); `data` below is the whole recipe
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layout: str = "torchvision"  # the naming scheme of its published weights (portres.interop.LAYOUTS)
     source: str = "paper"  # whose definition it follows: "torchvision", "timm", "keras" or "paper"
+    data: DataConfig | None = None  # how its input images are prepared (register() fills it in: usual_data_config)
 
 
 _REGISTRY: dict[str, ZooEntry] = {}
@@ -81,16 +200,37 @@ def usual_input_size(spec: ResNetSpec) -> int:
     return 32 if spec.stem.kind == "cifar" else 224
 
 
+def usual_data_config(spec: ResNetSpec) -> DataConfig:
+    """The preprocessing a network of this shape gets when nothing else is known: a CIFAR stem takes
+    32 x 32 images normalised with CIFAR-10's statistics, any other stem torchvision's ImageNet
+    transforms; one input channel reads images as grayscale (the mean of the RGB statistics).
+
+        >>> usual_data_config(resnet(18, in_channels=1)).mean
+        (0.449,)
+    """
+    config = CIFAR10_DATA if spec.stem.kind == "cifar" else TORCHVISION_DATA
+    if spec.in_channels == 1:
+        return dataclasses.replace(config, channel_order="L", mean=(round(sum(config.mean) / 3, 6),),
+                                   std=(round(sum(config.std) / 3, 6),))
+    if spec.in_channels != 3:
+        raise SpecError(f"{spec.name} takes {spec.in_channels}-channel input: images have 1 or 3 channels, so "
+                        "there is no usual preprocessing for it (pass config=DataConfig(...) for 1 or 3)")
+    return config
+
+
 def register(spec: ResNetSpec, family: str, description: str = "", **metadata) -> ResNetSpec:
     """Add ``spec`` to the zoo under ``spec.name``; a duplicate name raises ``ValueError``.
 
-    ``metadata``: the other :class:`ZooEntry` fields (``input_size`` defaults to :func:`usual_input_size`).
+    ``metadata``: the other :class:`ZooEntry` fields (``input_size`` defaults to :func:`usual_input_size`,
+    ``data`` to :func:`usual_data_config`).
 
-        >>> register(portres.resnet(18, name="my_resnet18"), "resnet", layout="torchvision")
+        >>> register(resnet(18, name="my_resnet18"), "resnet", layout="torchvision")  # doctest: +SKIP
     """
     if spec.name in _REGISTRY:
         raise ValueError(f"a preset named {spec.name!r} is already registered")
     metadata.setdefault("input_size", usual_input_size(spec))
+    if metadata.get("data") is None and spec.in_channels in (1, 3):
+        metadata["data"] = usual_data_config(spec)
     _REGISTRY[spec.name] = ZooEntry(spec, family, description, **metadata)
     return spec
 
@@ -128,6 +268,28 @@ def default_input_size(spec_or_name) -> int:
     return registered.input_size if registered is not None and registered.spec == spec else usual_input_size(spec)
 
 
+def data_config(spec_or_name) -> DataConfig:
+    """How images are prepared for ``spec_or_name`` (a preset name or a spec): its preset's
+    :class:`DataConfig` (what its published weights were trained with), and for a spec the zoo does not
+    hold, :func:`usual_data_config`.
+
+        >>> data_config("resnet50d").interpolation, data_config("resnet50d").resize_size
+        ('bicubic', 256)
+        >>> data_config("resnet20").input_size, data_config("resnet20").resize_size
+        (32, None)
+    """
+    spec = resolve(spec_or_name)
+    registered = _REGISTRY.get(spec.name)
+    if registered is not None and registered.data is not None and _same_network(registered.spec, spec):
+        return registered.data
+    return usual_data_config(spec)
+
+
+def _same_network(registered: ResNetSpec, spec: ResNetSpec) -> bool:
+    # a preset with another head (num_classes, e.g. fine-tuned) still wants its preset's preprocessing
+    return dataclasses.replace(registered, num_classes=spec.num_classes) == spec
+
+
 def resolve(spec_or_name) -> ResNetSpec:
     """A ResNetSpec as is, a preset name as its spec: what every function taking a spec accepts."""
     if isinstance(spec_or_name, ResNetSpec):
@@ -140,7 +302,7 @@ def resolve(spec_or_name) -> ResNetSpec:
 def resnet(depth: int, *, name: str | None = None, preactivation: bool = False, **knobs) -> ResNetSpec:
     """An ImageNet ResNet of ``depth`` 18/34/50/101/152 with any variant knobs as keywords.
 
-        >>> portres.resnet(50, shortcut="avg_down", stem=StemSpec(kind="deep")).shortcut
+        >>> resnet(50, shortcut="avg_down", stem=StemSpec(kind="deep")).shortcut
         'avg_down'
 
     ``knobs`` are :class:`~portres.spec.ResNetSpec` fields (``shortcut="avg_down"``,
@@ -212,7 +374,7 @@ def cifar_preact_resnet(depth: int, *, bottleneck: bool = False, name: str | Non
 
 
 def _register_defaults() -> None:
-    torchvision = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "source": "torchvision"}
+    torchvision = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "source": "torchvision", "data": TORCHVISION_DATA}
     timm = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "layout": "timm", "source": "timm"}
     for depth in IMAGENET_DEPTHS:
         register(resnet(depth), "resnet", f"ResNet-{depth} (torchvision, v1.5)", **torchvision)
@@ -230,24 +392,28 @@ def _register_defaults() -> None:
                  f"ResNet-{depth}, original v1: stride on the first 1x1")
     for depth in IMAGENET_DEPTHS:
         register(resnet(depth, name=f"resnetv2_{depth}", preactivation=True), "resnet_v2",
-                 f"Pre-activation ResNet-{depth} (identity mappings)", layout="timm", source="timm")
+                 f"Pre-activation ResNet-{depth} (identity mappings)", mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                 layout="timm", source="timm", data=TIMM_DATA[f"resnetv2_{depth}"])
     for depth in (50, 101):
         register(resnet(depth, name=f"resnet{depth}d", stem=StemSpec(kind="deep"), shortcut="avg_down"),
-                 "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)", **timm)
+                 "resnet_d", f"ResNet-{depth}-D: deep stem + avg-pool downsampling (timm names)",
+                 data=TIMM_DATA[f"resnet{depth}d"], **timm)
     d_variant = {"stem": StemSpec(kind="deep"), "shortcut": "avg_down"}
     resnet26d = resnet(50, name="resnet26d", **d_variant)
     register(dataclasses.replace(resnet26d, stages=tuple(dataclasses.replace(s, blocks=2) for s in resnet26d.stages)),
-             "resnet_d", "ResNet-26-D: bottleneck [2, 2, 2, 2], deep stem + avg-pool downsampling (timm)", **timm)
+             "resnet_d", "ResNet-26-D: bottleneck [2, 2, 2, 2], deep stem + avg-pool downsampling (timm)",
+             data=TIMM_DATA["resnet26d"], **timm)
     for depth in (50, 101, 152):
         register(resnet(depth, name=f"keras_resnet{depth}", **KERAS_V1), "keras",
                  f"Keras Applications ResNet{depth}: v1, conv biases, BN eps 1.001e-5 (Keras names: layout='keras')",
-                 layout="keras", source="keras")
+                 layout="keras", source="keras", data=KERAS_CAFFE_DATA)
     for depth in (50, 101, 152):
         v2 = resnet(depth, name=f"keras_resnet{depth}v2", preactivation=True, **KERAS_V2)
         stages = tuple(dataclasses.replace(s, stride=stride) for s, stride in zip(v2.stages, KERAS_V2_STRIDES))
         register(dataclasses.replace(v2, stages=stages), "keras",
                  f"Keras Applications ResNet{depth}V2: pre-activation, stride in each stage's last block",
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="keras", source="keras")  # x / 127.5 - 1
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="keras", source="keras",  # x / 127.5 - 1
+                 data=KERAS_TF_DATA)
     for depth in CIFAR_DEPTHS:
         register(cifar_resnet(depth), "cifar", f"CIFAR ResNet-{depth}, option A shortcuts")
     for depth in CIFAR_DEPTHS:  # the plain twin of every CIFAR depth

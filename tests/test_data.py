@@ -668,7 +668,7 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("", ".augment", ".batches", ".cifar", ".dataset", ".digits", ".folder"):
+    for name in ("", ".augment", ".batches", ".cifar", ".dataset", ".digits", ".folder", ".streaming"):
         module = importlib.import_module(f"portres.data{name}")  # portres.data.batches is also the function
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__

@@ -349,7 +349,7 @@ INVALID_EDITS = [
     ("groups", lambda d: d.update(groups=7, width_per_group=None)),
     ("bn_eps", lambda d: d.update(bn_eps=-1e-5)),
     ("width_factor", lambda d: d.update(width_factor=0)),
-    ("num_classes", lambda d: d.update(num_classes=0)),
+    ("num_classes", lambda d: d.update(num_classes=-1)),  # 0 is a headless network
     ("stem", lambda d: d["stem"].update(kind="huge")),
     ("residual", lambda d: d.update(residual=False, zero_init_last_bn=True)),
     ("unknown key", lambda d: d.update(dilation=2)),

@@ -18,10 +18,10 @@ Attacks reproduced here (every crafted checkpoint is made in ``tmp_path`` at run
   checkpoint without slots resumed with fresh momentum; a float64 slot in a float32 run. Every
   slot is checked for presence, shape and dtype, in one capped error.
 * **Tampered checkpoint descriptions.** A missing field, a wrong type, a negative epoch, a NaN
-  in the metrics, garbage RNG state, a bad config or optimiser, and a spec that does not match
-  the tensors: each is refused with one line naming the field, from the Python API and from
-  ``portres train --resume`` and ``portres eval`` (exit status 2), never a traceback, a bare
-  key name or a backend's shape error.
+  in the metrics, garbage RNG state, a bad config or optimiser, class names that are not strings
+  or not one per class, and a spec that does not match the tensors: each is refused with one
+  line naming the field, from the Python API and from ``portres train --resume`` and
+  ``portres eval`` (exit status 2), never a traceback, a bare key name or a backend's shape error.
 * **An unbounded ``--image-size``.** 100000 used to load digits until the memory ran out; it is
   refused before any image is loaded, and an out-of-memory error names ``train``'s own options.
 """
@@ -283,6 +283,13 @@ TAMPERED = [
     (_set(["spec", "stages"], "x"), "field 'spec' is not a valid network"),
     (_set(["dtype"], "float8"), "field 'dtype' must be 'float32' or 'float64', got 'float8'"),
     (_set(["finished_epoch"], "no"), "field 'finished_epoch' must be true or false"),
+    (_set(["class_names"], "digits"), "field 'class_names' must be null or a list of class names"),
+    (_set(["class_names"], ["zero", 1]), "field 'class_names' must be null or a list of class names"),
+    (_set(["class_names"], ["x" * 1001] * 10), "field 'class_names' must be null or a list of class names"),
+    (_set(["class_names"], ["zero", "one"]), "field 'class_names' must name each of the network's 10 classes, got 2"),
+    (_set(["config", "freeze"], 3), "field 'config' holds an invalid setting: freeze=3"),
+    (_set(["config", "init"], ""), "field 'config' holds an invalid setting: init=''"),
+    (_set(["config", "lr_backbone"], -1), "field 'config' holds an invalid setting: lr_backbone=-1"),
 ]
 
 
@@ -329,7 +336,8 @@ def test_a_spec_that_does_not_match_the_tensors_is_refused(tmp_path):
         loop.spec_of_checkpoint(path)
 
 
-@pytest.mark.parametrize("change, message", [TAMPERED[1], TAMPERED[5], TAMPERED[7]])
+@pytest.mark.parametrize("change, message", [TAMPERED[1], TAMPERED[5], TAMPERED[7],
+                                             next(case for case in TAMPERED if "must name each" in case[1])])
 def test_tampered_checkpoints_fail_train_resume_and_eval_in_one_line(tmp_path, change, message):
     out = tmp_path / "run"
     args = ["train", "--spec", _spec_file(tmp_path), "--backend", "numpy", "--dtype", "float32", "--epochs", "2",

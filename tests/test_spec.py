@@ -28,7 +28,7 @@ def make(**changes):
     (dict(groups=0), "groups=0 must be >= 1"),
     (dict(width_factor=0), "width_factor=0 must be >= 1"),
     (dict(width_factor=1.5), "width_factor=1.5 must be an integer"),
-    (dict(num_classes=0), "num_classes=0 must be >= 1"),
+    (dict(num_classes=-1), "num_classes=-1 must be >= 0"),  # 0 is allowed: a headless network
     (dict(in_channels=0), "in_channels=0 must be >= 1"),
     (dict(residual="yes"), "residual='yes' must be true or false"),
     (dict(zero_init_last_bn=1), "zero_init_last_bn=1 must be true or false"),

@@ -1,6 +1,7 @@
 """Data sets and batches for training: CIFAR-10/100, scikit-learn's digits, image folders;
-augmentation vectorised in NumPy. Nothing here imports a framework; scikit-learn and Pillow are
-imported only by the loaders that need them.
+augmentation vectorised in NumPy; ImageNet-style folders streamed from disk (:mod:`.streaming`).
+Nothing here imports a framework; scikit-learn and Pillow are imported only by the loaders that
+need them.
 
     >>> from portres import data
     >>> data.names()
@@ -22,6 +23,7 @@ from .cifar import default_data_dir, load_cifar10, load_cifar100
 from .dataset import DataError, Dataset, channel_stats, check_fits, fit_spec, normalize
 from .digits import load_digits
 from .folder import load_folder
+from .streaming import ImageFolder, evaluate_stream, scan_image_folder, stream_batches
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {}  # name -> loader(data_dir, **options)
 
@@ -84,7 +86,8 @@ register("digits", _ignores_data_dir(load_digits))
 register("folder", load_folder)
 
 __all__ = [
-    "BatchIterator", "DataError", "Dataset", "augment", "batches", "channel_stats", "check_fits",
-    "default_data_dir", "epoch_order", "fit_spec", "load", "load_cifar10", "load_cifar100", "load_digits",
-    "load_folder", "make_batch", "names", "normalize", "num_batches", "options", "register",
+    "BatchIterator", "DataError", "Dataset", "ImageFolder", "augment", "batches", "channel_stats", "check_fits",
+    "default_data_dir", "epoch_order", "evaluate_stream", "fit_spec", "load", "load_cifar10", "load_cifar100",
+    "load_digits", "load_folder", "make_batch", "names", "normalize", "num_batches", "options", "register",
+    "scan_image_folder", "stream_batches",
 ]

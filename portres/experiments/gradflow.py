@@ -123,6 +123,7 @@ def gradient_flow(spec, backend: str = "numpy", *, weights=None, images=None, la
         >>> gradient_flow("plain20", "numpy", batch=4, line_points=8).input_line_correlation
     """
     spec = resolve(spec)
+    spec.require_classifier("gradient flow (a cross-entropy's gradients)")
     plan = make_plan(spec)
     rng = np.random.default_rng(seed)
     if images is None:

@@ -317,10 +317,12 @@ class _Scoped(Forwarding):
 
 
 def trace_plan(plan, params: dict, *, dtype: str = "float32", opset: int = OPSET, input_size=None,
-               keep: tuple[str, ...] = (), nan_exact: bool = False):
+               keep: tuple[str, ...] = (), nan_exact: bool = False, features: bool = False):
     """The ONNX ModelProto computing ``plan`` with ``params`` (NumPy arrays, taken as given).
 
     ``keep`` adds plan values (e.g. stage outputs) as extra graph outputs under their own names.
+    ``features``: the graph's outputs are the stem's and each stage's output instead of the logits,
+    named ``stem``, ``layer1``, ... (a backbone; the graph stops at the last stage).
     ``input_size`` (an int or (height, width)) pins the spatial dims; None leaves them dynamic.
     """
     from ..plan import INPUT
@@ -333,22 +335,31 @@ def trace_plan(plan, params: dict, *, dtype: str = "float32", opset: int = OPSET
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     x = builder.input(INPUT_NAME, ["batch", plan.spec.in_channels, height, width])
     scoped = _Scoped(builder)
-    values = run_plan(plan, scoped, params, x, keep=tuple(keep), before_op=scoped.before_op)
+    wanted = dict(plan.features) if features else {OUTPUT_NAME: plan.output}  # graph output name -> plan value
+    walked = plan.truncated(wanted.values()) if features else plan
+    values = run_plan(walked, scoped, params, x, keep=(*wanted.values(), *keep), before_op=scoped.before_op)
     builder.scope = None
-    outputs = {OUTPUT_NAME: values[plan.output]}
-    outputs.update({name: values[name] for name in keep if name not in (plan.output, INPUT)})
+    outputs = {name: values[value] for name, value in wanted.items()}
+    outputs.update({name: values[name] for name in keep if name not in (plan.output, INPUT, *outputs)})
     spec = plan.spec
-    return builder.finish(outputs, output_shapes={OUTPUT_NAME: ["batch", spec.num_classes]},
-                          doc=f"portres {spec.name}: NCHW images in, logits out",
+    if features:
+        shapes = {info["name"]: ["batch", info["channels"], f"{info['name']}_height", f"{info['name']}_width"]
+                  for info in plan.feature_info()}
+        what = f"stage outputs {', '.join(wanted)}"
+    else:
+        shapes = {OUTPUT_NAME: ["batch", plan.shapes(plan.total_stride)[plan.output][0]]}  # classes, or pooled
+        what = "logits" if spec.num_classes else "pooled features (headless)"
+    return builder.finish(outputs, output_shapes=shapes, doc=f"portres {spec.name}: NCHW images in, {what} out",
                           metadata={"portres.spec": spec.to_json(None), "portres.input_layout": "NCHW"})
 
 
 def export_onnx(spec, params=None, path=None, *, fold_batch_norm: bool = True, opset: int = OPSET,
-                input_size=None, seed: int = 0):
+                input_size=None, seed: int = 0, features: bool = False):
     """``spec`` (a ResNetSpec or preset name) as a checked ONNX model; written to ``path`` if given.
 
     ``params``: a mapping or weights file, loaded strictly (``None``: ``init_params(spec, seed)``).
     ``fold_batch_norm``: fold eval-mode BN into the convs (False keeps BatchNormalization nodes).
+    ``features``: a backbone graph whose outputs are the stage outputs (``stem``, ``layer1``, ...).
     The model passes ``onnx.checker.check_model(full_check=True)`` before it is returned or
     written; the file is replaced atomically (a crash leaves the old file or the new one).
 
@@ -359,7 +370,7 @@ def export_onnx(spec, params=None, path=None, *, fold_batch_norm: bool = True, o
 
     onnx = _onnx()
     spec, plan, params = plan_and_params(spec, params, seed=seed, fold=fold_batch_norm)
-    model = trace_plan(plan, params, opset=opset, input_size=input_size)
+    model = trace_plan(plan, params, opset=opset, input_size=input_size, features=features)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)  # value_info for viewers
     onnx.checker.check_model(model, full_check=True)
     if path is not None:

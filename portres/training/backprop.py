@@ -52,15 +52,24 @@ def backward_op(primitives, op: Op, args: list, grad, params: dict) -> tuple[lis
     raise NotImplementedError(f"no backward for op kind {kind!r} (training runs unfolded plans)")
 
 
-def backward(plan: Plan, primitives, params: dict, values: dict, grad_output, value_grads: dict | None = None) -> dict:
+def backward(plan: Plan, primitives, params: dict, values: dict, grad_output, value_grads: dict | None = None,
+             trainable=None) -> dict:
     """Gradients of every trainable parameter, given every forward value and the output's gradient.
 
     ``value_grads``, if given, names values (its keys; ``INPUT`` too) whose gradients are wanted:
     each is set to the value's total gradient (``None`` if none reaches it).
+
+    ``trainable``, if given, names the parameters wanted (``--freeze`` leaves out a prefix of the network):
+    the walk stops before the first op that holds none of them and has none before it.
     """
     pending = {plan.output: grad_output}  # value name -> gradient accumulated so far
     grads: dict = {}
-    for op in reversed(plan.ops):
+    ops = plan.ops
+    if trainable is not None and value_grads is None:
+        wanted = set(trainable)
+        first = next((index for index, op in enumerate(ops) if wanted & set(op.param_shapes())), len(ops))
+        ops = ops[first:]  # the ops before hold nothing trained: no gradient needs to reach them
+    for op in reversed(ops):
         grad = pending.pop(op.output, None)
         if value_grads is not None and op.output in value_grads:
             value_grads[op.output] = grad
@@ -72,5 +81,6 @@ def backward(plan: Plan, primitives, params: dict, values: dict, grad_output, va
         grads.update(param_grads)
     if value_grads is not None and INPUT in value_grads:
         value_grads[INPUT] = pending.get(INPUT)
-    trainable = [name for name, (_, is_trainable) in plan.param_shapes().items() if is_trainable]
+    if trainable is None:
+        trainable = [name for name, (_, is_trainable) in plan.param_shapes().items() if is_trainable]
     return {name: grads[name] for name in trainable}

@@ -5,7 +5,10 @@ also a weights file: ``load_weights`` skips the rest) and the optimiser's slots 
 ``optimizer/<slot>.<parameter>``: a ``TrainState`` (``portres.training.state``) flattened, here
 and nowhere else (:func:`state_tensors`, and back :func:`split_tensors`). Metadata
 (``portres.checkpoint``, JSON): the spec, the training recipe, the optimiser's configuration, the
-position (epoch, batch, step), the running sums of the epoch in progress, and the metrics so far.
+position (epoch, batch, step), the running sums of the epoch in progress, the metrics so far, and the
+data set's class names (``class_names``: a list, one per output, or null) and its images' size and
+normalisation (``data``: image_size, mean, std; what ``portres.load`` preprocesses photos with); older
+checkpoints lack those two.
 There are no RNG states to save: data order and augmentation are pure functions of (seed, epoch,
 batch) - see ``portres.data.batches``.
 
@@ -172,6 +175,25 @@ _FIELDS = {
     "finished_epoch": (lambda v: isinstance(v, bool), "must be true or false"),
     "replicas": (_integer(1), "must be a positive integer"),
 }
+MAX_CLASS_NAME = 1000  # characters of one class name (folder names are far shorter)
+# fields that checkpoints written before them lack
+_OPTIONAL_FIELDS = {
+    "class_names": (lambda v: v is None or (isinstance(v, list) and all(isinstance(name, str) and
+                                                                        len(name) <= MAX_CLASS_NAME for name in v)),
+                    f"must be null or a list of class names (strings of at most {MAX_CLASS_NAME} characters)"),
+    "data": (lambda v: _is_data_record(v), "must be a JSON object of image_size (two positive integers), mean and "
+                                           "std (one finite number per channel, std > 0)"),
+}
+
+
+def _is_data_record(value) -> bool:
+    """The training images' geometry and normalisation (``portres.load`` preprocesses photos the same way)."""
+    if not isinstance(value, dict) or set(value) != {"image_size", "mean", "std"}:
+        return False
+    size, mean, std = value["image_size"], value["mean"], value["std"]
+    numbers = lambda v, low: isinstance(v, list) and 0 < len(v) <= 4 and all(_number(low)(x) for x in v)  # noqa: E731
+    return (isinstance(size, list) and len(size) == 2 and all(_integer(1)(side) for side in size)
+            and numbers(mean, -math.inf) and numbers(std, 0) and len(mean) == len(std) and 0 not in std)
 _POSITION = {"epoch": _COUNT, "batch": _COUNT, "step": _COUNT, "epoch_sums": _OBJECT,
              "best_test_top1_error": _OPTIONAL_FRACTION}
 _EPOCH_SUMS = {"loss": _AMOUNT, "wrong": _COUNT, "seen": _COUNT, "seconds": _AMOUNT,
@@ -182,16 +204,19 @@ _RECORD = {"epoch": (_integer(1), "must be a positive integer"), "step": _COUNT,
            "seconds": _AMOUNT}
 
 
-def _fields(path, where: str, value: dict, schema: dict) -> None:
-    """Every field of ``schema`` present in ``value`` and valid, and no other."""
-    for name, (test, requirement) in schema.items():
+def _fields(path, where: str, value: dict, schema: dict, optional: dict | None = None) -> None:
+    """Every field of ``schema`` present in ``value`` and valid, those of ``optional`` valid where present,
+    and no other."""
+    for name, (test, requirement) in {**schema, **(optional or {})}.items():
         field = f"{where}{name}"
         if name not in value:
-            raise _bad(path, field, "is missing")
+            if name in schema:
+                raise _bad(path, field, "is missing")
+            continue
         if not test(value[name]):
             raise _bad(path, field, f"{requirement}, got {_shown(value[name])}")
     for name in value:
-        if name not in schema:
+        if name not in schema and name not in (optional or {}):
             raise _bad(path, f"{where}{name}", "is not part of a checkpoint description")
 
 
@@ -206,7 +231,7 @@ def _shown(value) -> str:
 
 
 def _check_description(path, description: dict) -> None:
-    _fields(path, "", description, _FIELDS)
+    _fields(path, "", description, _FIELDS, _OPTIONAL_FIELDS)
     position = description["position"]
     _fields(path, "position.", position, _POSITION)
     sums = position["epoch_sums"]
@@ -237,6 +262,15 @@ def _check_description(path, description: dict) -> None:
     if position["epoch"] > description["config"]["epochs"]:
         raise _bad(path, "position.epoch", f"must be at most config.epochs ({description['config']['epochs']}), "
                                            f"got {position['epoch']}")
+
+
+def check_class_names(path, description: dict, num_classes: int) -> None:
+    """Refuse a description whose ``class_names`` do not name each of the ``num_classes`` outputs (checked once
+    the tensors have shown how many there are: a tampered spec is reported as the spec's fault)."""
+    class_names = description.get("class_names")
+    if class_names is not None and len(class_names) != num_classes:
+        raise _bad(path, "class_names", f"must name each of the network's {num_classes} classes, got "
+                                        f"{len(class_names)} names")
 
 
 # -- the tensors -----------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ class TrainConfig:
     sync_bn: bool = False  # BN normalises with the global batch's statistics, not each replica's own
     timeout_s: float = DEFAULT_TIMEOUT_S  # how long a rank waits on the others before it gives up
     overwrite: bool = False  # replace the run in ``out`` (its checkpoints, metrics, summary) instead of refusing
+    init: str | None = None  # start from these weights (any layout, or a checkpoint), loaded leniently
+    freeze: str | None = None  # hold this part and everything before it still: "stem", "layer2", ..., "backbone"
+    lr_backbone: float | None = None  # the trained backbone's learning rate, as a factor of the classifier's
 
     @classmethod
     def from_dict(cls, fields: dict) -> TrainConfig:
@@ -141,6 +144,15 @@ class TrainConfig:
             raise TrainingError(f"lr={self.lr!r} must be > 0")
         if self.batch_size < 2:
             raise TrainingError("batch_size must be at least 2: train-mode batch norm normalises over the batch")
+        for name in ("init", "freeze"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TrainingError(f"{name}={value!r} must be null or a non-empty string")
+        lr_backbone = self.lr_backbone
+        if lr_backbone is not None and (isinstance(lr_backbone, bool) or not isinstance(lr_backbone, (int, float))
+                                        or not math.isfinite(lr_backbone) or lr_backbone <= 0):
+            raise TrainingError(f"lr_backbone={lr_backbone!r} must be a finite number > 0 (a factor of the learning "
+                                "rate)")
         if self.optimizer not in ("sgd", "adamw"):
             raise TrainingError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
         milestones = self.milestones
@@ -171,12 +183,16 @@ _WHERE = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "d
           "devices", "sync_bn", "timeout_s", "overwrite"}
 
 
+# settings added after checkpoints were first written: a checkpoint without them had their defaults (None)
+_ADDED = {"init", "freeze", "lr_backbone"}
+
+
 def check_recipe(path, fields: dict, bad) -> None:
     """Refuse the ``config`` of a checkpoint's description (``TrainConfig.recipe()`` as JSON) unless it is one
     a run could have had; ``bad(field, problem)`` makes the error (see ``checkpoint.read_description``)."""
     known = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in _WHERE]
     for name in known:
-        if name not in fields:
+        if name not in fields and name not in _ADDED:
             raise bad(f"config.{name}", "is missing")
     for name in fields:
         if name not in known:

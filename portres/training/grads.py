@@ -64,29 +64,42 @@ def training_backend(backend: str, device: str | None = None, dtype: str | None 
     return lowering
 
 
-def trainable_names(plan: Plan) -> list[str]:
-    return [name for name, (_, trainable) in plan.param_shapes().items() if trainable]
+def trainable_names(plan: Plan, frozen=frozenset()) -> list[str]:
+    """The parameters training updates, in plan order: the trainable ones not ``frozen`` (``--freeze``)."""
+    return [name for name, (_, trainable) in plan.param_shapes().items() if trainable and name not in frozen]
+
+
+def frozen_norms(plan: Plan, frozen: frozenset[str]) -> frozenset[str]:
+    """The BN ops whose parameters are all ``frozen``: they run in eval mode with their statistics untouched."""
+    return frozenset(op.name for op in plan.ops if op.kind == "batch_norm" and set(op.param_shapes()) <= frozen)
 
 
 LOGITS = "logits"  # key of the train-mode logits among a gradient function's auxiliary outputs
 
 
-def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
+def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1, frozen=frozenset()):
     """``f(trainable, buffers, images, targets) -> (loss, logits, running_stats, grads)`` on backend
     arrays: the one definition of a training forward and backward, for :func:`loss_and_grads` and
     the train step. Frameworks differentiate it with their autodiff (``value_and_grad``); the NumPy
     reference runs it forward keeping every value and chains its hand-written backward primitives
     (which of the two: :func:`uses_reference_backward`).
+
+    ``frozen`` names parameters and buffers that do not train (``portres train --freeze``): they come in
+    ``buffers``, get no gradient, and the BNs they make up run in eval mode (statistics untouched).
     """
+    norms = frozen_norms(plan, frozenset(frozen))
     if uses_reference_backward(lowering):
+        wanted = trainable_names(plan, frozen)
+
         def reference(trainable, buffers, images, targets):
             every_value = tuple(op.output for op in plan.ops) + (INPUT,)
             arrays = {**trainable, **buffers}
             values, running_stats = run_plan_train(plan, lowering, arrays, images, momentum=bn_momentum,
-                                                   keep=every_value)
+                                                   keep=every_value, frozen_norms=norms)
             logits = values[plan.output]
             loss = lowering.cross_entropy(logits, targets)
-            grads = backward(plan, lowering, arrays, values, lowering.cross_entropy_backward(logits, targets))
+            grads = backward(plan, lowering, arrays, values, lowering.cross_entropy_backward(logits, targets),
+                             trainable=wanted)
             return loss, logits, running_stats, grads
 
         return reference
@@ -95,7 +108,7 @@ def gradient_function(plan: Plan, lowering, *, bn_momentum: float = 0.1):
 
     def loss_fn(trainable, buffers, images, targets):
         values, running_stats = run_plan_train(plan, differentiated, {**trainable, **buffers}, images,
-                                               momentum=bn_momentum)
+                                               momentum=bn_momentum, frozen_norms=norms)
         logits = values[plan.output]
         return differentiated.cross_entropy(logits, targets), {**running_stats, LOGITS: logits}
 

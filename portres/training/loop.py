@@ -23,6 +23,10 @@ refuses an ``OUT`` that holds anything unless it resumes (``resume=True``) or re
 there (``TrainConfig(overwrite=True)``). A run that diverges stops with a ``TrainingError``
 naming the step and learning rate, and leaves the last good checkpoint as it was: nothing
 non-finite is written to ``metrics.jsonl``, ``summary.json`` or a checkpoint.
+
+Fine-tuning (``init``, ``freeze``, ``lr_backbone``): the run starts from a weights file loaded leniently
+(``load_weights(..., strict=False)``: a new classifier, an adapted input conv), holds the frozen parts
+still (:mod:`portres.training.transfer`) and records the data set's class names in its checkpoints.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ..plan import Plan, make_plan
 from ..spec import ResNetSpec
 from ..tensorfiles import atomic_write
 from ..walker import run_plan
-from ..weights import describe_weights_file, init_params
+from ..weights import WeightsError, describe_weights_file, init_params, load_weights
 from ..zoo import resolve
 from .checkpoint import (
     BEST,
@@ -52,6 +56,7 @@ from .checkpoint import (
     RUN_FILES,
     CheckpointError,
     DescriptionError,
+    check_class_names,
     check_tensors,
     checkpoint_hint,
     load_checkpoint,
@@ -68,6 +73,7 @@ from .replicas import Replicas, check_batch, join, portres_version
 from .schedules import make_schedule
 from .state import TrainState
 from .step import initial_state, make_train_step
+from .transfer import frozen_parameters, learning_rate_scales
 
 # the settings and their checks live in portres.training.config; named here too, where callers have found them
 __all__ = ["BEST", "LAST", "MAX_IMAGE_SIZE", "RECIPES", "RUN_FILES", "Position", "Progress", "TrainConfig",
@@ -282,6 +288,8 @@ class _Run:
         lowering = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
                               config.sync_bn)
         optimizer = make_optimizer(config)
+        frozen = frozen_parameters(plan, config.freeze)  # a part that does not exist fails before anything is written
+        lr_scale = learning_rate_scales(plan, config.lr_backbone, frozen)
         per_epoch = steps_per_epoch(config, len(dataset.train_labels))
         schedule = make_lr_schedule(config, per_epoch)
         dtype = np.dtype(lowering.dtype)
@@ -291,24 +299,35 @@ class _Run:
                      "portres version": portres_version()})
 
         def starting_point():  # on rank 0 only: (checkpoint tensors, JSON info)
+            initial, loaded = None, None
+            if config.init is not None and not (resume and (out / LAST).exists()):
+                # read before the run directory is touched: a file that does not fit leaves nothing written
+                try:
+                    initial, report = load_weights(config.init, plan, dtype=dtype.name, layout="auto", strict=False,
+                                                   seed=config.seed)
+                except WeightsError as error:  # which option it was, for a message that names only the file
+                    raise TrainingError(f"--init: {error}") from None
+                loaded = f"--init: {report.summary()}"
             holding.enter_context(run_directory(out, RUN_FILES, resume=resume, overwrite=config.overwrite))
             if resume and (out / LAST).exists():
                 tensors, description = load_checkpoint(out / LAST)
-                _check_resumable(out / LAST, description, config, spec, optimizer, plan, dtype.name, per_epoch)
+                _check_resumable(out / LAST, description, config, spec, optimizer, plan, dtype.name, per_epoch,
+                                 frozen)
                 return tensors, {"position": description["position"], "metrics": description["metrics"],
                                  "note": f"resuming {out / LAST}: epoch {description['position']['epoch'] + 1}, "
                                          f"step {description['position']['step']}"}
             (out / "metrics.jsonl").write_text("")
-            return init_params(plan, config.seed), {"position": Position().to_dict(), "metrics": [],
-                                                    "note": f"nothing to resume in {out}: starting afresh" if resume
-                                                    else None}
+            notes = [f"nothing to resume in {out}: starting afresh" if resume else None, loaded]
+            return (init_params(plan, config.seed) if initial is None else initial), {
+                "position": Position().to_dict(), "metrics": [], "note": "\n".join(n for n in notes if n) or None}
 
         tensors, start = group.share_from_writer(starting_point)
         model, slots = split_tensors(tensors)
-        state = initial_state(plan, lowering, model, optimizer, slots or None)  # fresh slots when starting afresh
+        state = initial_state(plan, lowering, model, optimizer, slots or None, frozen)  # fresh slots if starting
         if start["note"]:
             progress.note(start["note"])
-        progress.note(f"{spec.name} ({sum(np.prod(s) for s, t in plan.param_shapes().values() if t):,} parameters) "
+        trained = sum(np.prod(s) for n, (s, t) in plan.param_shapes().items() if t and n not in frozen)
+        progress.note(f"{spec.name} ({trained:,} parameters{f' trained, {config.freeze} frozen' if frozen else ''}) "
                       f"on {config.backend} {lowering.device} {lowering.dtype}"
                       f"{'' if group.replicas == 1 else f', {group.description}'}; {config.data}: "
                       f"{len(dataset.train_labels):,} training / {len(dataset.test_labels):,} test images; "
@@ -316,7 +335,8 @@ class _Run:
         return cls(config=config, group=group, progress=progress, out=out, dataset=dataset, spec=spec, plan=plan,
                    lowering=lowering, optimizer=optimizer, per_epoch=per_epoch, schedule=schedule,
                    position=Position.from_dict(start["position"]), metrics=start["metrics"], state=state,
-                   step=make_train_step(plan, lowering, optimizer, bn_momentum=config.bn_momentum),
+                   step=make_train_step(plan, lowering, optimizer, bn_momentum=config.bn_momentum, frozen=frozen,
+                                        lr_scale=lr_scale),
                    forward=lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output]))
 
     def where_to_continue(self) -> str:
@@ -345,7 +365,10 @@ class _Run:
         config = self.config
         description = {"spec": self.spec.to_dict(), "config": config.recipe(), "optimizer": self.optimizer.config(),
                        "backend": config.backend, "dtype": self.lowering.dtype, "position": self.position.to_dict(),
-                       "metrics": self.metrics, "finished_epoch": finished_epoch, "replicas": self.group.replicas}
+                       "metrics": self.metrics, "finished_epoch": finished_epoch, "replicas": self.group.replicas,
+                       "class_names": list(self.dataset.class_names),
+                       "data": {"image_size": list(self.dataset.image_size), "mean": self.dataset.mean.tolist(),
+                                "std": self.dataset.std.tolist()}}
         if self.group.is_writer:
             save_checkpoint(self.out / name, state_tensors(numpy_state, slots=name != BEST), description)
 
@@ -458,7 +481,7 @@ class _Run:
 
 
 def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: ResNetSpec, optimizer, plan: Plan,
-                     dtype: str, per_epoch: int) -> None:
+                     dtype: str, per_epoch: int, frozen: frozenset = frozenset()) -> None:
     """A checkpoint continues only the run it came from: same network, optimiser and recipe; and only if its
     tensors and optimiser slots fit that network and optimiser, and its position the data's epochs."""
     if description.get("spec") != spec.to_dict():
@@ -480,8 +503,9 @@ def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: R
                                f"{position['batch']}, step {position['step']}) is not a position of this run's "
                                f"epochs of {per_epoch} steps (the file was altered, or the data set changed)")
     shapes = plan.param_shapes()
-    slots = {f"{slot}.{name}": shapes[name][0] for slot in optimizer.slots for name in trainable_names(plan)}
+    slots = {f"{slot}.{name}": shapes[name][0] for slot in optimizer.slots for name in trainable_names(plan, frozen)}
     check_tensors(path, describe_weights_file(path), plan, dtype, slots)
+    check_class_names(path, description, spec.num_classes)
 
 
 def write_curves(path: Path, metrics: list[dict], title: str) -> str | None:
@@ -525,6 +549,7 @@ def spec_of_checkpoint(path) -> ResNetSpec:
         check_tensors(path, describe_weights_file(path), make_plan(spec), description["dtype"])
     except CheckpointError as error:
         raise DescriptionError(f"{error} (its field 'spec' does not describe its tensors)") from None
+    check_class_names(path, description, spec.num_classes)
     return spec
 
 

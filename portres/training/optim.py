@@ -11,6 +11,8 @@ compiled (``mx.compile``, ``TinyJit``)::
 
 ``params``, ``grads`` and ``state`` are flat dicts ``name -> backend array``; ``state`` keys are
 ``"<slot>.<parameter name>"`` with torch's slot names (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``).
+``lr_scale`` (``{name: factor}``, optional) multiplies some parameters' learning rate, as torch's parameter
+groups do (``--lr-backbone``): weight decay and AdamW's decoupled decay use the scaled rate too.
 ``lr`` and ``step`` (the 1-based count of updates, this one included) may be Python numbers or 0-d arrays
 of the backend; pass arrays to a compiled step so that a new value does not retrace it. For checkpoints
 the caller converts ``state`` to NumPy and back and records ``opt.config()``; :func:`from_config` rebuilds
@@ -98,17 +100,18 @@ class SGD(_Optimizer):
     def slots(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum else ()
 
-    def update(self, params: dict, grads: dict, state: dict, lr, step=None) -> tuple[dict, dict]:
+    def update(self, params: dict, grads: dict, state: dict, lr, step=None, lr_scale=None) -> tuple[dict, dict]:
         """One step: returns ``(new_params, new_state)``; ``step`` is unused by SGD."""
         _check_trees(params, grads, state, self.slots)
         new_params, new_state = {}, {}
         for name, p in params.items():
+            lr_here = _scaled(lr, lr_scale, name)
             g = grads[name] + self.weight_decay * p if self._decays(name, p) else grads[name]
             if self.momentum:
                 buffer = self.momentum * state[f"momentum_buffer.{name}"] + g
                 new_state[f"momentum_buffer.{name}"] = buffer
                 g = g + self.momentum * buffer if self.nesterov else buffer
-            new_params[name] = p - lr * g
+            new_params[name] = p - lr_here * g
         return new_params, new_state
 
 
@@ -131,24 +134,32 @@ class AdamW(_Optimizer):
         require(self.eps >= 0, "eps", self.eps, "must be >= 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
 
-    def update(self, params: dict, grads: dict, state: dict, lr, step) -> tuple[dict, dict]:
+    def update(self, params: dict, grads: dict, state: dict, lr, step, lr_scale=None) -> tuple[dict, dict]:
         """One step: returns ``(new_params, new_state)``; ``step`` is 1-based (1 for the first update)."""
         _check_trees(params, grads, state, self.slots)
         beta1, beta2 = self.betas
         # float ** array falls back to array.__rpow__ (checked on tinygrad, MLX, torch and NumPy)
-        step_size = lr / (1 - beta1 ** step)
+        correction1 = 1 - beta1 ** step
         correction2_sqrt = (1 - beta2 ** step) ** 0.5
         new_params, new_state = {}, {}
         for name, p in params.items():
+            lr_here = _scaled(lr, lr_scale, name)
+            step_size = lr_here / correction1
             g = grads[name]
             if self._decays(name, p):
-                p = p * (1 - lr * self.weight_decay)
+                p = p * (1 - lr_here * self.weight_decay)
             exp_avg = beta1 * state[f"exp_avg.{name}"] + (1 - beta1) * g
             exp_avg_sq = beta2 * state[f"exp_avg_sq.{name}"] + (1 - beta2) * (g * g)
             denominator = exp_avg_sq ** 0.5 / correction2_sqrt + self.eps
             new_params[name] = p - step_size * exp_avg / denominator
             new_state[f"exp_avg.{name}"], new_state[f"exp_avg_sq.{name}"] = exp_avg, exp_avg_sq
         return new_params, new_state
+
+
+def _scaled(lr, lr_scale, name: str):
+    """``lr`` times ``lr_scale[name]`` where one is given (a factor of 1 leaves ``lr`` itself)."""
+    factor = lr_scale.get(name, 1.0) if lr_scale else 1.0
+    return lr if factor == 1.0 else lr * factor
 
 
 OPTIMIZERS = {cls.__name__: cls for cls in (SGD, AdamW)}

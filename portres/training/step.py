@@ -28,14 +28,15 @@ from .state import TrainState
 
 
 def initial_state(plan: Plan, lowering, params: dict[str, np.ndarray], optimizer,
-                  optimizer_state: dict[str, np.ndarray] | None = None) -> TrainState:
+                  optimizer_state: dict[str, np.ndarray] | None = None, frozen=frozenset()) -> TrainState:
     """The training state on ``lowering`` from NumPy parameters and BN buffers (and optimiser slots,
     ``{"<slot>.<parameter>": array}``, when resuming).
 
     Fresh optimiser slots are made in NumPy (``optimizer.init`` on the NumPy parameters) so that
-    every array starts as a real device buffer (tinygrad's JIT takes no lazy constants).
+    every array starts as a real device buffer (tinygrad's JIT takes no lazy constants). ``frozen``
+    parameters (``--freeze``) are held with the buffers: no slots, no updates.
     """
-    names = trainable_names(plan)
+    names = trainable_names(plan, frozen)
     slots = optimizer_state if optimizer_state is not None else optimizer.init({n: params[n] for n in names})
     loaded = lowering.load_params(plan, {name: np.asarray(value) for name, value in {**params, **slots}.items()})
     trained = set(names)
@@ -44,15 +45,17 @@ def initial_state(plan: Plan, lowering, params: dict[str, np.ndarray], optimizer
                       slots={name: loaded[name] for name in slots})
 
 
-def make_train_step(plan: Plan, lowering, optimizer, *, bn_momentum: float = 0.1):
+def make_train_step(plan: Plan, lowering, optimizer, *, bn_momentum: float = 0.1, frozen=frozenset(),
+                    lr_scale: dict[str, float] | None = None):
     """``step(state, images, targets, lr, count) -> (state, loss, logits)`` compiled for ``lowering``.
 
     ``state`` is a :class:`TrainState`; ``images``/``targets`` are backend arrays (soft targets, see
     ``grads.soft_targets``); ``lr`` is the learning rate of this update and ``count`` its 1-based number
     (AdamW's bias correction): Python numbers, passed to compiled steps as arrays so that changing them
-    never recompiles.
+    never recompiles. ``frozen`` (``--freeze``): parameters held in the state's buffers, untouched, their BNs
+    in eval mode; ``lr_scale`` (``--lr-backbone``): ``{parameter: factor}`` of the learning rate.
     """
-    compute = gradient_function(plan, lowering, bn_momentum=bn_momentum)
+    compute = gradient_function(plan, lowering, bn_momentum=bn_momentum, frozen=frozen)
 
     def update(state: TrainState, images, targets, lr, count) -> tuple[TrainState, object, object]:
         loss, logits, running_stats, grads = compute(state.params, state.buffers, images, targets)
@@ -60,8 +63,9 @@ def make_train_step(plan: Plan, lowering, optimizer, *, bn_momentum: float = 0.1
         averaged = lowering.all_reduce_mean({**grads, **running_stats})
         grads = {name: averaged[name] for name in grads}
         running_stats = {name: averaged[name] for name in running_stats}
-        params, slots = optimizer.update(state.params, grads, state.slots, lr, count)
-        return TrainState(params, running_stats, slots), loss, logits
+        params, slots = optimizer.update(state.params, grads, state.slots, lr, count, lr_scale=lr_scale)
+        # frozen parameters and frozen BNs' statistics pass through as they came (bit-identical)
+        return TrainState(params, {**state.buffers, **running_stats}, slots), loss, logits
 
     def flat(arrays: dict, images, targets, lr, count):  # what backends compile: one flat dict in and out
         state, loss, logits = update(TrainState.from_arrays(arrays), images, targets, lr, count)
