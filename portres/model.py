@@ -69,7 +69,10 @@ class Model:
         return f"<portres.Model {self.spec.name} on {self.backend.name}:{self.backend.device} {self.backend.dtype}>"
 
     def _logits_on(self, backend):
-        return lambda params, x: run_plan(self.plan, backend, params, x)[self.plan.output]
+        # the plan, not self: a forward that held the model would make a cycle, and a model (with its
+        # framework's sessions and buffers) would then wait for the garbage collector instead of going at once
+        plan = self.plan
+        return lambda params, x: run_plan(plan, backend, params, x)[plan.output]
 
     def _lowering_for(self, x: np.ndarray) -> tuple:
         """(backend, compiled forward) for the NumPy input ``x``: the exact variant if it holds NaN/inf."""

@@ -228,3 +228,25 @@ def test_two_pass_statistics_over_slices_are_the_whole_batchs():
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-14)
     np.testing.assert_allclose(var, x.var(0), rtol=1e-13)
     np.testing.assert_allclose(np.concatenate(centered), x - x.mean(0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_a_model_is_freed_as_soon_as_nothing_holds_it(backend):
+    """No reference cycle through the compiled forward: a model (with its framework's sessions and buffers)
+    goes when its last reference does, not at some later garbage collection (the suite builds hundreds)."""
+    import gc
+    import weakref
+
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        model = portres.build("resnet20", backend)
+        model(x)
+        model.features(x)
+        freed = weakref.ref(model)
+        del model
+        assert freed() is None
+    finally:
+        if enabled:
+            gc.enable()
