@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -29,7 +30,12 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default: float32 (numpy: float64).")
 @click.option("--data", default="digits", show_default=True, help="cifar10, cifar100, digits or folder.")
 @click.option("--data-dir", type=click.Path(), help="Where the data set's files are (CIFAR archives, image folders).")
-@click.option("--image-size", type=IMAGE_SIZE, help="digits/folder: square side images are resized to.")
+@click.option("--image-size", type=IMAGE_SIZE,
+              help="digits/folder: square side images are resized to; --stream: the crops' side (default: the "
+                   "network's input size).")
+@click.option("--stream", is_flag=True,
+              help="folder: read the images from disk batch by batch, the ImageNet way: random-resized-crop + flip "
+                   "for training, resize + centre crop for testing, the network's preset mean/std.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Default: the data set's recipe (digits 10, CIFAR 164).")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Default: digits 64, CIFAR 128.")
@@ -44,8 +50,9 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
 @click.option("--milestones", help="multistep: epochs to divide the rate by 10 at, e.g. 82,123.")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True)
-@click.option("--augment", type=click.Choice(["recipe", "pad_crop_flip", "flip", "none"]), default="recipe",
-              show_default=True, help="recipe: CIFAR pad+crop+flip, digits none, folder flip.")
+@click.option("--augment", type=click.Choice(["recipe", "pad_crop_flip", "flip", "random_resized_crop_flip", "none"]),
+              default="recipe", show_default=True,
+              help="recipe: CIFAR pad+crop+flip, digits none, folder flip, --stream random_resized_crop_flip.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs between tests.")
 @click.option("--limit-train", type=click.IntRange(min=2), help="Train on the first N images only (quick runs).")
@@ -72,7 +79,7 @@ def _milestones(value: str | None) -> tuple[int, ...] | None:
                                "(no gradient, no weight decay, BN statistics untouched).")
 @click.option("--lr-backbone", "lr_backbone", type=float,
               help="The trained backbone's learning rate as a factor of --lr (the classifier keeps --lr).")
-def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, out, epochs, batch_size,
+def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_size, stream, out, epochs, batch_size,
           optimizer, lr, momentum, nesterov, weight_decay, no_decay_norms_biases, schedule, milestones, warmup_epochs,
           label_smoothing, augment, seed, eval_every, limit_train, checkpoint_every, stop_after_steps, resume,
           overwrite, distributed, processes, devices, sync_bn, port, timeout_s, init, freeze, lr_backbone):
@@ -85,6 +92,7 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         portres train --arch resnet20 --data digits --processes 2      # 2 local ranks (MLX ring)
         mlx.launch -n 2 -- $(which python) -m portres.cli train --arch resnet20 --distributed
         portres train --arch resnet20 --data folder --data-dir DIR --init A/best.safetensors --freeze backbone
+        portres train --arch resnet50 --data folder --data-dir DIR --stream --init resnet50.pth --freeze layer3
 
     Data parallel, --batch-size is the global batch: each replica trains on its share.
     One run at a time writes OUT; a non-empty OUT needs --resume (continue) or --overwrite (replace).
@@ -113,7 +121,7 @@ def train(name, depth, spec_file, backend, device, dtype, data, data_dir, image_
         augment=None if augment == "none" else augment, seed=seed, eval_every=eval_every, limit_train=limit_train,
         checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, distributed=distributed,
         devices=device_list, sync_bn=sync_bn and (processes or 0) != 1, timeout_s=timeout_s, overwrite=overwrite,
-        init=init, freeze=freeze, lr_backbone=lr_backbone)
+        init=init, freeze=freeze, lr_backbone=lr_backbone, stream=stream)
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
     if processes is not None and processes > 1:
@@ -146,7 +154,8 @@ def rank(config_file):
 
 
 @main.command("eval")
-@click.option("--weights", required=True, type=click.Path(), help="A weights file or training checkpoint.")
+@click.option("--weights", required=True, type=click.Path(),
+              help="A weights file, a training checkpoint or a run directory (its best checkpoint).")
 @click.option("--arch", "name", help="The preset it was trained as (default: the checkpoint's own spec).")
 @click.option("--depth", type=int, help="ResNet depth instead of --arch.")
 @click.option("--spec", "spec_file", type=click.Path(), help="A spec JSON file instead of --arch.")
@@ -170,10 +179,12 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, l
         portres eval --data imagenet --data-dir ~/imagenet --arch resnet50 --weights resnet50-0676ba61.pth
     """
     from portres import data as datasets
-    from portres.model import build
-    from portres.training.loop import check_data_options
+    from portres.loading import checkpoint_file, load
+    from portres.training.loop import check_data_options, streamed_checkpoint
     from portres.training.loop import evaluate as run
 
+    if Path(weights).is_dir():  # a run directory: its best checkpoint (else its last), as portres.load reads it
+        weights = str(checkpoint_file(weights))
     if data == "imagenet":
         _evaluate_image_folder(weights, name, depth, spec_file, backend, device, data_dir, labels_file, image_size,
                                batch_size, as_json)
@@ -183,18 +194,32 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, l
                                "carry their own labels")
     data, options = data_for(weights, data, image_size, "digits")  # a checkpoint is read on its own data
     check_data_options(options)  # before any image is loaded
+    checkpoint = name is None and spec_file is None and depth is None
+    if checkpoint:
+        _spec_of_checkpoint(weights)  # a plain weights file needs --arch or --spec; an altered checkpoint is refused
+        if data == "folder" and streamed_checkpoint(weights):
+            if image_size is not None:
+                raise click.UsageError(f"{weights} was trained on a folder streamed from disk: its test images are "
+                                       "prepared as its checkpoint records (resize + centre crop); leave out "
+                                       "--image-size")
+            spec, count, result = _evaluate_streamed_folder(weights, backend, device, data_dir, batch_size)
+            _print_evaluation(spec, data, count, result, backend, as_json)
+            return
     dataset = datasets.load(data, data_dir, **options)
-    if name is None and spec_file is None and depth is None:
-        spec = _spec_of_checkpoint(weights)
+    if checkpoint:  # its own network, class names and preprocessing (portres.load, as predict builds it)
+        model = load(weights, backend, device=device, fold_batch_norm_into_conv=False)
     else:
         spec = load_spec(name, spec_file, depth)
         if spec_file is None:
             spec = datasets.fit_spec(spec, dataset)
-    datasets.check_fits(dataset, spec)
-    model = build(spec, backend, weights, device=device, fold_batch_norm_into_conv=False)
+        model = load(weights, backend, arch=spec, device=device, fold_batch_norm_into_conv=False)
+    datasets.check_fits(dataset, model.spec)
     result = run(model.plan, model.backend, model.params, dataset.test_images, dataset.test_labels, dataset.mean,
                  dataset.std, batch_size=batch_size)
-    count = len(dataset.test_labels)
+    _print_evaluation(model.spec, data, len(dataset.test_labels), result, backend, as_json)
+
+
+def _print_evaluation(spec, data: str, count: int, result: dict, backend: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"network": spec.name, "data": data, "images": count, **result}))
         return
@@ -202,6 +227,28 @@ def evaluate(weights, name, depth, spec_file, backend, device, data, data_dir, l
                f"(accuracy {1 - result['top1_error']:.2%}), top-5 error {result['top5_error']:.4f}, "
                f"loss {result['loss']:.4f}")
     sys.stdout.flush()
+
+
+def _evaluate_streamed_folder(weights, backend, device, data_dir, batch_size):
+    """The test split of the folder a `portres train --stream` checkpoint trained on, read as it was read then:
+    ``(spec, images, {loss, top1_error, top5_error})``."""
+    from portres.data.folder import folder_root, split_folders
+    from portres.data.streaming import check_headers, scan_class_folders, stream_batches
+    from portres.loading import load
+    from portres.training.loop import batch_sums
+
+    _, test_dir = split_folders(folder_root(data_dir))
+    test = scan_class_folders(test_dir)
+    model = load(weights, backend, device=device, fold_batch_norm_into_conv=False)
+    if model.class_names is not None and test.class_names != model.class_names:
+        raise ValueError(f"{test_dir} has the classes {', '.join(test.class_names[:5])}"
+                         f"{' ...' if len(test.class_names) > 5 else ''} but {weights} was trained on "
+                         f"{', '.join(model.class_names[:5])}{' ...' if len(model.class_names) > 5 else ''}: give the "
+                         "folder it was trained on (--data-dir)")
+    check_headers(test.paths)
+    with stream_batches(test, batch_size, model.data_config) as batches:
+        loss, top1, top5, count = batch_sums(model.plan, model.backend, model.params, batches)
+    return model.spec, int(count), {"loss": loss / count, "top1_error": top1 / count, "top5_error": top5 / count}
 
 
 def _spec_of_checkpoint(weights):

@@ -111,9 +111,12 @@ def training_data_config(spec: ResNetSpec, record: dict | None) -> DataConfig | 
     if len(record["mean"]) != spec.in_channels or spec.in_channels not in (1, 3):
         raise WeightsError(f"the checkpoint's data record holds {len(record['mean'])} channel statistics for "
                            f"{spec.name}'s {spec.in_channels} input channels: the file was altered")
-    return DataConfig(input_size=record["image_size"][0], resize_size=None, interpolation="bilinear",
-                      mean=tuple(record["mean"]), std=tuple(record["std"]),
-                      channel_order="L" if spec.in_channels == 1 else "RGB", scale="unit", source="portres train")
+    # a run streamed from a folder (portres train --stream) also records its resize + centre crop and channels
+    return DataConfig(input_size=record["image_size"][0], resize_size=record.get("resize_size"),
+                      interpolation=record.get("interpolation", "bilinear"), mean=tuple(record["mean"]),
+                      std=tuple(record["std"]),
+                      channel_order=record.get("channel_order", "L" if spec.in_channels == 1 else "RGB"),
+                      scale=record.get("scale", "unit"), source="portres train")
 
 
 def recognise(path) -> ResNetSpec:

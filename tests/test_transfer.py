@@ -152,14 +152,14 @@ def test_resume_keeps_the_transfer_settings(pretrained, tmp_path):
     assert after["layer2.0.conv1.weight"].tobytes() != before["layer2.0.conv1.weight"].tobytes()
 
 
-def test_a_checkpoint_from_before_class_names_and_transfer_settings_still_resumes(tmp_path):
+def test_a_checkpoint_from_before_class_names_transfer_and_stream_settings_still_resumes(tmp_path):
     config = quick(tmp_path, dtype="float32")
     train(quick(tmp_path, dtype="float32", stop_after_steps=3), progress=Quiet())
     path = tmp_path / "run" / "last.safetensors"
     state, description = load_checkpoint(path)
     assert description["class_names"] == [str(digit) for digit in range(10)]
     del description["class_names"]
-    for key in ("init", "freeze", "lr_backbone"):
+    for key in ("init", "freeze", "lr_backbone", "stream"):
         del description["config"][key]
     save_weights(path, state, metadata={KEY: json.dumps(description)})
     assert "class_names" not in read_description(path)

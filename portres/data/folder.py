@@ -5,7 +5,10 @@
 
 Class names are the folder names, sorted; labels are their indices. Every image is converted to
 RGB or grayscale and resized to ``image_size`` x ``image_size`` (bilinear, antialiased when
-shrinking; the aspect ratio is not kept: crop first if it matters), so the set is a uint8 array.
+shrinking; the aspect ratio is not kept: crop first if it matters) by
+:func:`portres.images.resize_and_crop`, the function ``portres predict`` prepares photos with, so
+the set is a uint8 array. Photos and large folders train better streamed from disk, cropped the
+ImageNet way (``portres train --stream``: :class:`portres.data.streaming.StreamedFolder`).
 Files with other extensions and hidden entries are skipped; a file is read only if it is a PNG or
 JPEG (whatever its name says) of at most :data:`MAX_PIXELS` pixels, checked from its header before
 it is decoded (set ``portres.data.folder.MAX_PIXELS`` to read larger images).
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import resize_and_crop
+from ..zoo import DataConfig
 from .dataset import DataError, Dataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")  # what counts as an image (case-insensitive)
@@ -75,8 +80,8 @@ def _read(path: Path, mode: str, size: int | None) -> np.ndarray:
                                 f"{MAX_PIXELS:,} a training image may have (the limit is "
                                 f"portres.data.folder.MAX_PIXELS); resize it or remove the file")
             image = image.convert(mode)
-            if size is not None and image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            if size is not None:  # squashed as portres.preprocess squashes: one function for training and predict
+                image = resize_and_crop(image, _squash_config(mode, size))
             array = np.asarray(image, dtype=np.uint8)
     except DataError:
         raise
@@ -87,6 +92,14 @@ def _read(path: Path, mode: str, size: int | None) -> np.ndarray:
         raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); only "
                         f"{' and '.join(FORMATS)} files are read: replace or remove the file") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # HW or HWC -> CHW
+
+
+def _squash_config(mode: str, size: int) -> DataConfig:
+    """The :class:`DataConfig` whose :func:`portres.images.resize_and_crop` squashes to ``size`` x ``size``
+    (bilinear, no crop); its mean and std play no part in the resize."""
+    channels = 1 if mode == "L" else 3
+    return DataConfig(input_size=size, resize_size=None, interpolation="bilinear", mean=(0.0,) * channels,
+                      std=(1.0,) * channels, channel_order="L" if mode == "L" else "RGB", source="portres folder")
 
 
 def _read_split(found: dict[str, list[Path]], class_names: tuple[str, ...], mode: str,
@@ -108,24 +121,24 @@ def _read_split(found: dict[str, list[Path]], class_names: tuple[str, ...], mode
     return np.stack(images), labels
 
 
-def load_folder(data_dir, image_size: int | None = 32, color: str = "rgb") -> Dataset:
-    """An ImageFolder-layout directory (see the module docstring) as a uint8 :class:`Dataset`.
-
-    ``image_size``: the side every image is resized to; None keeps the files' own size, which must
-    then be the same for all. ``color``: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).
-    """
+def folder_root(data_dir) -> Path:
+    """``data_dir`` as a path to an existing folder; :class:`DataError` in one line when it is not given or missing."""
     if data_dir is None:
         raise DataError("the folder data set needs a directory: --data-dir DIR with DIR/train/<class>/ and "
                         "DIR/test/<class>/ (or val/)")
-    if color not in COLORS:
-        raise DataError(f"color={color!r} must be one of {', '.join(COLORS)}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
-                                   or image_size < 1):
-        raise DataError(f"image_size={image_size!r} must be a positive integer (or None to keep the files' size)")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; it needs train/<class>/ and test/<class>/ (or val/)")
-    _pillow()  # say so before scanning a large tree
+    return root
+
+
+def split_folders(root: Path) -> tuple[Path, Path]:
+    """``(train folder, test folder)`` of an ImageFolder-layout directory (``test/``, else ``val/``);
+    :class:`DataError` in one line when one is missing.
+
+        >>> split_folders(Path("pets"))  # doctest: +SKIP
+        (PosixPath('pets/train'), PosixPath('pets/test'))
+    """
     train_dir = root / "train"
     test_dir = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), None)
     lacking = [folder for folder, present in (("train/", train_dir.is_dir()), ("test/ (or val/)", test_dir))
@@ -133,14 +146,36 @@ def load_folder(data_dir, image_size: int | None = 32, color: str = "rgb") -> Da
     if lacking:
         raise DataError(f"image folder {root} has no {' and no '.join(lacking)}; it needs train/<class>/ and "
                         f"test/<class>/ (or val/)")
-    train_found, test_found = scan(train_dir), scan(test_dir)
-    if set(train_found) != set(test_found):
-        only_train = sorted(set(train_found) - set(test_found))
-        only_test = sorted(set(test_found) - set(train_found))
+    return train_dir, test_dir
+
+
+def check_same_classes(root: Path, train_dir: Path, test_dir: Path, train_classes, test_classes) -> None:
+    """Refuse (one line) splits whose class folders differ: the labels are the sorted names' indices."""
+    if set(train_classes) != set(test_classes):
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
         parts = [f"only in {d.name}/: {', '.join(names)}" for d, names in ((train_dir, only_train),
                                                                           (test_dir, only_test)) if names]
         raise DataError(f"image folder {root}: train and {test_dir.name} have different classes ({'; '.join(parts)}); "
                         f"give both splits the same class folders")
+
+
+def load_folder(data_dir, image_size: int | None = 32, color: str = "rgb") -> Dataset:
+    """An ImageFolder-layout directory (see the module docstring) as a uint8 :class:`Dataset`.
+
+    ``image_size``: the side every image is resized to; None keeps the files' own size, which must
+    then be the same for all. ``color``: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).
+    """
+    if color not in COLORS:
+        raise DataError(f"color={color!r} must be one of {', '.join(COLORS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size < 1):
+        raise DataError(f"image_size={image_size!r} must be a positive integer (or None to keep the files' size)")
+    root = folder_root(data_dir)
+    _pillow()  # say so before scanning a large tree
+    train_dir, test_dir = split_folders(root)
+    train_found, test_found = scan(train_dir), scan(test_dir)
+    check_same_classes(root, train_dir, test_dir, train_found, test_found)
     class_names = tuple(sorted(train_found))
     mode = COLORS[color]
     train_images, train_labels = _read_split(train_found, class_names, mode, image_size)

@@ -26,6 +26,7 @@ images to a square for CIFAR-size networks; this module is for photos and ImageN
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,13 @@ import numpy as np
 from .augment import resized_crop_boxes, resized_crop_draws
 from .batches import BatchIterator, epoch_order, num_batches
 from .dataset import DataError
+from .folder import check_same_classes, folder_root, split_folders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # case-insensitive
 LABELS_FORMAT = "one `filename label` per line, label an integer class index"
 LAYOUTS = "DIR/val/<class>/*.JPEG, DIR/<class>/*.JPEG, or DIR/*.JPEG with a labels file"
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # threads that decode one batch's images
+HEADER_CHUNK = 4096  # files whose headers check_headers reads per round (ImageNet's train split: 1.28 million)
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds an array
@@ -99,6 +102,19 @@ def scan_image_folder(directory, *, labels_file=None, split: str = "val") -> Ima
         return _scan_flat(root, Path(labels_file).expanduser())
     if (root / split).is_dir():
         root = root / split
+    return scan_class_folders(root)
+
+
+def scan_class_folders(directory) -> ImageFolder:
+    """The images of ``directory``'s class folders (``directory/<class>/...``, classes in sorted order), as
+    :func:`scan_image_folder` reads them but without looking for a split subfolder.
+
+        >>> scan_class_folders("pets/train").class_names                # doctest: +SKIP
+        ('cat', 'dog')
+    """
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder; it needs {LAYOUTS}")
     entries = _visible(root.iterdir())
     if not entries:
         raise DataError(f"image folder {root} is empty; it needs {LAYOUTS}")
@@ -258,6 +274,177 @@ def stream_batches(folder: ImageFolder, batch_size: int, config, *, train: bool 
         return lambda: make(index)
 
     return BatchIterator([job(index) for index in range(start_batch, total)], prefetch)
+
+
+# -- training on a folder the ImageNet way (`portres train --stream`) ---------------------------------
+
+TRAIN_AUGMENT = "random_resized_crop_flip"  # the augmentation of streamed training (TrainConfig.augment)
+STREAM_OPTIONS = ("image_size", "color")  # the data options a streamed folder takes (as the in-memory one)
+COLORS = {"rgb": 3, "grayscale": 1}  # color option -> input channels
+TORCHVISION_CROP = (224, 256)  # input side, resized shorter side: the ratio where the network's preset squashes
+
+
+def streamed_data_config(base, image_size: int | None = None):
+    """How a network trained on a streamed folder prepares its images: ``base`` (its preset's
+    :class:`~portres.zoo.DataConfig`: mean, std, channels, interpolation) at ``image_size`` (default:
+    ``base.input_size``), the shorter side resized in ``base``'s ratio before the centre crop (torchvision's
+    256 : 224 where ``base`` has no resize, as CIFAR presets do), in exact integer arithmetic.
+
+        >>> from portres.zoo import data_config
+        >>> config = streamed_data_config(data_config("resnet50"), 32)
+        >>> config.input_size, config.resize_size
+        (32, 36)
+        >>> streamed_data_config(data_config("resnet50")).resize_size
+        256
+    """
+    size = base.input_size if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise DataError(f"image_size={size!r} must be a positive integer (the side of the training crops)")
+    size = int(size)
+    if base.resize_size is None:
+        crop, resize = TORCHVISION_CROP
+    else:
+        crop, resize = base.input_size, base.resize_size
+    return dataclasses.replace(base, input_size=size, resize_size=size * resize // crop,
+                               source="portres train --stream")
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
+class StreamedFolder:
+    """An image folder's train and test splits, read from disk batch by batch (never held whole): training
+    batches random-resized-cropped and flipped, test batches resized and centre-cropped, both as ``config``
+    says. It answers what a :class:`~portres.data.Dataset` answers about its shape (``in_channels``,
+    ``image_size``, ``num_classes``, ``class_names``, labels, ``mean``/``std``), so it fits a spec the same way.
+
+        >>> folder = open_streamed_folder("pets", streamed_data_config(data_config("resnet18"), 64))  # doctest: +SKIP
+        >>> folder.describe()                                                                       # doctest: +SKIP
+        'folder:pets: 800 train / 200 test, streamed 3x64x64 (resize 73, centre crop), 2 classes'
+    """
+
+    name: str  # for messages and logs ("folder:pets")
+    train: ImageFolder
+    test: ImageFolder
+    config: object  # the DataConfig every image is prepared with (input_size: the side of the crops)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of every network input: the crops' side."""
+        return self.config.input_size, self.config.input_size
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.labels
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test.labels
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.config.mean, np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.asarray(self.config.std, np.float32)
+
+    def describe(self) -> str:
+        """One line: sizes, crops, classes."""
+        config = self.config
+        return (f"{self.name}: {len(self.train):,} train / {len(self.test):,} test, streamed {config.channels}x"
+                f"{config.input_size}x{config.input_size} (resize {config.resize_size}, centre crop), "
+                f"{self.num_classes} classes")
+
+    def limited(self, count: int) -> StreamedFolder:
+        """The first ``count`` training images only (the test split unchanged)."""
+        return dataclasses.replace(self, train=subset(self.train, slice(0, count)))
+
+    def record(self) -> dict:
+        """What a checkpoint records of it (its description's ``data``): what ``portres.load`` prepares
+        photos with, so that predictions see images as the evaluation did."""
+        config = self.config
+        return {"image_size": [config.input_size, config.input_size], "mean": list(config.mean),
+                "std": list(config.std), "resize_size": config.resize_size, "interpolation": config.interpolation,
+                "channel_order": config.channel_order, "scale": config.scale}
+
+    def train_batches(self, batch_size: int, *, seed: int, epoch: int, augment: str | None = TRAIN_AUGMENT,
+                      start_batch: int = 0, prefetch: int = 2) -> BatchIterator:
+        """One epoch of shuffled, full training batches (:func:`stream_batches`): random-resized-crop + flip
+        with ``augment=TRAIN_AUGMENT``, the evaluation's resize + centre crop with ``augment=None``."""
+        if augment not in (TRAIN_AUGMENT, None):
+            raise DataError(f"augment={augment!r}: a streamed folder trains with {TRAIN_AUGMENT!r} or none")
+        return stream_batches(self.train, batch_size, self.config, train=augment is not None, shuffle=True,
+                              seed=seed, epoch=epoch, drop_last=True, start_batch=start_batch, prefetch=prefetch)
+
+    def test_batches(self, batch_size: int, rows: slice = slice(None), prefetch: int = 2) -> BatchIterator:
+        """The test images ``rows`` (a process's share) in order, resized and centre-cropped."""
+        return stream_batches(subset(self.test, rows), batch_size, self.config, prefetch=prefetch)
+
+
+def subset(folder: ImageFolder, rows: slice) -> ImageFolder:
+    """The images ``rows`` of ``folder`` (a slice), as an :class:`ImageFolder` of its own."""
+    return ImageFolder(folder.root, folder.paths[rows], _read_only(folder.labels[rows].copy()), folder.class_names)
+
+
+def open_streamed_folder(data_dir, config, *, check: bool = True) -> StreamedFolder:
+    """``data_dir``'s ``train/`` and ``test/`` (or ``val/``) class folders (same classes), scanned but not
+    decoded, to be read as ``config`` says. ``check``: read every file's header first (not its pixels), so
+    that an image Pillow cannot read is refused in one line before a run writes anything.
+
+        >>> open_streamed_folder("pets", streamed_data_config(data_config("resnet18"))).num_classes  # doctest: +SKIP
+        2
+    """
+    root = folder_root(data_dir)
+    train_dir, test_dir = split_folders(root)
+    train, test = scan_class_folders(train_dir), scan_class_folders(test_dir)
+    check_same_classes(root, train_dir, test_dir, train.class_names, test.class_names)
+    if check:
+        check_headers(train.paths + test.paths)
+    return StreamedFolder(f"folder:{root.resolve().name}", train, test, config)
+
+
+def check_headers(paths, threads: int = DECODE_THREADS) -> None:
+    """Refuse (:class:`DataError` naming the file and the fix) a file Pillow cannot identify as an image, or
+    one over its decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), from the headers alone: the
+    pixels are decoded batch by batch later, where damaged data still fails naming its file."""
+    import warnings
+
+    from portres import images
+
+    Image = images.pillow()
+
+    def check(path: Path) -> None:
+        try:
+            with Image.open(path) as image:  # the header only
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and image.width * image.height > limit:
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+        except Image.DecompressionBombError:
+            raise DataError(f"{path}: refused as a possible decompression bomb, over Pillow's limit of "
+                            f"{Image.MAX_IMAGE_PIXELS or 0:,} pixels (raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
+                            "it, or remove the file)") from None
+        except Exception as error:  # Pillow signals bad files with several exception types
+            raise DataError(f"{path}: not an image Pillow can read ({type(error).__name__}); replace it with a PNG "
+                            "or JPEG, or remove it") from None
+
+    # the warning Pillow gives below twice its limit is refused above; the filters are process-wide: set here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            paths = list(paths)
+            for start in range(0, len(paths), HEADER_CHUNK):  # a bounded number of futures alive at a time
+                list(pool.map(check, paths[start:start + HEADER_CHUNK]))
 
 
 def top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:

@@ -7,7 +7,8 @@ and nowhere else (:func:`state_tensors`, and back :func:`split_tensors`). Metada
 (``portres.checkpoint``, JSON): the spec, the training recipe, the optimiser's configuration, the
 position (epoch, batch, step), the running sums of the epoch in progress, the metrics so far, and the
 data set's class names (``class_names``: a list, one per output, or null) and its images' size and
-normalisation (``data``: image_size, mean, std; what ``portres.load`` preprocesses photos with); older
+normalisation (``data``: image_size, mean, std, and for a run streamed from a folder its resize_size,
+interpolation, channel_order and scale; what ``portres.load`` preprocesses photos with); older
 checkpoints lack those two.
 There are no RNG states to save: data order and augmentation are pure functions of (seed, epoch,
 batch) - see ``portres.data.batches``.
@@ -42,6 +43,7 @@ import numpy as np
 from ..plan import make_plan
 from ..spec import ResNetSpec, SpecError
 from ..weights import TRAINING_STATE, WeightsError, capped, open_weights_file, read_metadata, save_weights
+from ..zoo import CHANNEL_ORDERS, INTERPOLATIONS, SCALES
 from .config import check_recipe
 from .optim import from_config
 from .state import TrainState
@@ -186,14 +188,24 @@ _OPTIONAL_FIELDS = {
 }
 
 
+# what a streamed folder's run adds to the record (portres train --stream): its resize before the centre crop and
+# its channels and scaling (DataConfig's fields of those names)
+_STREAM_RECORD = {"resize_size", "interpolation", "channel_order", "scale"}
+
+
 def _is_data_record(value) -> bool:
     """The training images' geometry and normalisation (``portres.load`` preprocesses photos the same way)."""
-    if not isinstance(value, dict) or set(value) != {"image_size", "mean", "std"}:
+    if not isinstance(value, dict) or set(value) not in ({"image_size", "mean", "std"},
+                                                         {"image_size", "mean", "std"} | _STREAM_RECORD):
         return False
     size, mean, std = value["image_size"], value["mean"], value["std"]
     numbers = lambda v, low: isinstance(v, list) and 0 < len(v) <= 4 and all(_number(low)(x) for x in v)  # noqa: E731
-    return (isinstance(size, list) and len(size) == 2 and all(_integer(1)(side) for side in size)
-            and numbers(mean, -math.inf) and numbers(std, 0) and len(mean) == len(std) and 0 not in std)
+    valid = (isinstance(size, list) and len(size) == 2 and all(_integer(1)(side) for side in size)
+             and numbers(mean, -math.inf) and numbers(std, 0) and len(mean) == len(std) and 0 not in std)
+    if not valid or "resize_size" not in value:
+        return valid
+    return (size[0] == size[1] and _integer(size[0])(value["resize_size"]) and value["interpolation"] in INTERPOLATIONS
+            and CHANNEL_ORDERS.get(value["channel_order"]) == len(mean) and value["scale"] in SCALES)
 _POSITION = {"epoch": _COUNT, "batch": _COUNT, "step": _COUNT, "epoch_sums": _OBJECT,
              "best_test_top1_error": _OPTIONAL_FRACTION}
 _EPOCH_SUMS = {"loss": _AMOUNT, "wrong": _COUNT, "seen": _COUNT, "seconds": _AMOUNT,

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from .. import data as datasets
+from ..data import streaming as streamed
 from ..plan import make_plan
 from ..spec import ResNetSpec, SpecError
 from ..zoo import resolve
@@ -95,6 +96,9 @@ class TrainConfig:
     init: str | None = None  # start from these weights (any layout, or a checkpoint), loaded leniently
     freeze: str | None = None  # hold this part and everything before it still: "stem", "layer2", ..., "backbone"
     lr_backbone: float | None = None  # the trained backbone's learning rate, as a factor of the classifier's
+    # data="folder" read from disk batch by batch the ImageNet way: random-resized-crop + flip training, resize +
+    # centre crop evaluation, the network's preset mean/std; image_size is the crops' side (default: the preset's)
+    stream: bool = False
 
     @classmethod
     def from_dict(cls, fields: dict) -> TrainConfig:
@@ -117,7 +121,7 @@ class TrainConfig:
         filled = {key: recipe[key] if getattr(self, key) is None else getattr(self, key)
                   for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule")}
         if self.augment == "recipe":
-            filled["augment"] = recipe["augment"]
+            filled["augment"] = streamed.TRAIN_AUGMENT if self.stream is True else recipe["augment"]
         config = dataclasses.replace(self, **filled)
         config._check()
         return config
@@ -136,6 +140,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TrainingError(f"{name}={getattr(self, name)!r} must be True or False")
         check_data_options(self.data_options)
+        self._check_stream()
         for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -173,6 +178,28 @@ class TrainConfig:
         except ValueError as error:
             raise TrainingError(str(error)) from None
 
+    def _check_stream(self) -> None:
+        if not isinstance(self.stream, bool):
+            raise TrainingError(f"stream={self.stream!r} must be True or False")
+        if not self.stream:
+            if self.augment == streamed.TRAIN_AUGMENT:
+                raise TrainingError(f"augment={self.augment!r} crops photos read from disk: add stream=True "
+                                    "(--stream) with data='folder'")
+            return
+        if self.data != "folder":
+            raise TrainingError(f"stream=True reads an image folder from disk, not {self.data!r}: use data='folder' "
+                                "(--data folder --data-dir DIR)")
+        if self.augment not in (streamed.TRAIN_AUGMENT, None):
+            raise TrainingError(f"augment={self.augment!r} does not apply to a streamed folder: it trains with "
+                                f"{streamed.TRAIN_AUGMENT!r} (the recipe) or none")
+        unknown = sorted(set(self.data_options) - set(streamed.STREAM_OPTIONS))
+        if unknown:
+            raise TrainingError(f"a streamed folder does not take {', '.join(unknown)}; it takes "
+                                f"{', '.join(streamed.STREAM_OPTIONS)}")
+        color = self.data_options.get("color", "rgb")
+        if color not in streamed.COLORS:
+            raise TrainingError(f"color={color!r} must be one of {', '.join(streamed.COLORS)}")
+
     def recipe(self) -> dict:
         """The fields a resumed run must share with the run it continues (where and how fast may differ)."""
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in _WHERE}
@@ -183,8 +210,19 @@ _WHERE = {"out", "backend", "device", "checkpoint_every", "stop_after_steps", "d
           "devices", "sync_bn", "timeout_s", "overwrite"}
 
 
-# settings added after checkpoints were first written: a checkpoint without them had their defaults (None)
-_ADDED = {"init", "freeze", "lr_backbone"}
+# settings added after checkpoints were first written: a checkpoint without them had their defaults (None, False)
+_ADDED = {"init", "freeze", "lr_backbone", "stream"}
+
+
+def with_added_defaults(recipe: dict) -> dict:
+    """A checkpoint's recorded ``recipe`` with the settings added since it was written at their defaults, as
+    the run that wrote it had them.
+
+        >>> with_added_defaults({"seed": 3})["stream"]
+        False
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig) if field.name in _ADDED}
+    return {**defaults, **recipe}
 
 
 def check_recipe(path, fields: dict, bad) -> None:

@@ -51,14 +51,19 @@ def check_hyperparameters(label_smoothing: float, bn_momentum: float) -> None:
         raise ValueError(f"bn_momentum={bn_momentum!r} must be a number in [0, 1] (PyTorch's default: 0.1)")
 
 
-def training_backend(backend: str, device: str | None = None, dtype: str | None = None):
-    """The backend object a training computation runs on (float32; float64 for the NumPy reference)."""
+def training_backend(backend: str, device: str | None = None, dtype: str | None = None,
+                     macs_per_step: float | None = None):
+    """The backend object a training computation runs on (float32; float64 for the NumPy reference); with no
+    ``device``, the backend's default for steps of ``macs_per_step`` multiply-adds (tinygrad picks by it)."""
     from .. import backends
 
     if backend not in backends.TRAINABLE and backend in backends.NAMES:
         raise backends.BackendUnavailable(f"backend {backend!r} computes no gradients: train with "
                                           f"{', '.join(backends.TRAINABLE)}")
-    lowering = backends.load(backend, device).Backend(device=device, dtype=dtype)
+    module = backends.load(backend, device)
+    if device is None:
+        device = module.Backend.default_device(macs_per_step)
+    lowering = module.Backend(device=device, dtype=dtype)
     if lowering.dtype not in ("float32", "float64"):
         raise ValueError(f"training runs in float32 (or float64, for checks), not {lowering.dtype}")
     return lowering

@@ -27,6 +27,11 @@ non-finite is written to ``metrics.jsonl``, ``summary.json`` or a checkpoint.
 Fine-tuning (``init``, ``freeze``, ``lr_backbone``): the run starts from a weights file loaded leniently
 (``load_weights(..., strict=False)``: a new classifier, an adapted input conv), holds the frozen parts
 still (:mod:`portres.training.transfer`) and records the data set's class names in its checkpoints.
+
+Image folders the ImageNet way (``stream``): the folder is read from disk batch by batch
+(:class:`portres.data.streaming.StreamedFolder`): random-resized-crop + flip for training, resize + centre crop
+for the tests, the network's preset preprocessing at ``image_size``; checkpoints record it (``data``), so that
+``portres.load`` prepares photos as the tests were prepared.
 """
 
 from __future__ import annotations
@@ -43,13 +48,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import data as datasets
+from ..analysis import summary
+from ..data import streaming as streamed
 from ..losses import log_softmax
 from ..plan import Plan, make_plan
 from ..spec import ResNetSpec
 from ..tensorfiles import atomic_write
 from ..walker import run_plan
 from ..weights import WeightsError, describe_weights_file, init_params, load_weights
-from ..zoo import resolve
+from ..zoo import DataConfig, data_config, resolve
 from .checkpoint import (
     BEST,
     LAST,
@@ -66,7 +73,7 @@ from .checkpoint import (
     split_tensors,
     state_tensors,
 )
-from .config import MAX_IMAGE_SIZE, RECIPES, TrainConfig, TrainingError, check_data_options
+from .config import MAX_IMAGE_SIZE, RECIPES, TrainConfig, TrainingError, check_data_options, with_added_defaults
 from .grads import soft_targets, trainable_names, training_backend
 from .optim import SGD, AdamW, no_decay_for_norms_and_biases
 from .replicas import Replicas, check_batch, join, portres_version
@@ -77,21 +84,43 @@ from .transfer import frozen_parameters, learning_rate_scales
 
 # the settings and their checks live in portres.training.config; named here too, where callers have found them
 __all__ = ["BEST", "LAST", "MAX_IMAGE_SIZE", "RECIPES", "RUN_FILES", "Position", "Progress", "TrainConfig",
-           "TrainingError", "check_data_options", "data_of_checkpoint", "evaluate", "evaluation_sums", "load_data",
-           "make_lr_schedule", "make_optimizer", "network_for", "spec_of_checkpoint", "steps_per_epoch", "train",
-           "write_curves"]
+           "TrainingError", "batch_sums", "check_data_options", "data_of_checkpoint", "evaluate", "evaluation_sums",
+           "load_data", "make_lr_schedule", "make_optimizer", "network_for", "spec_of_checkpoint", "steps_per_epoch",
+           "stream_data_config", "streamed_checkpoint", "train", "write_curves"]
 
 
 # -- pieces ----------------------------------------------------------------------------------------
 
 
 def load_data(config: TrainConfig):
-    """The data set, cut to ``limit_train`` training images if asked."""
+    """The data set, cut to ``limit_train`` training images if asked: in memory, or with ``config.stream`` a
+    :class:`~portres.data.streaming.StreamedFolder` (scanned, every file's header checked, nothing decoded)."""
+    if config.stream:
+        folder = streamed.open_streamed_folder(config.data_dir, stream_data_config(config))
+        if config.limit_train is not None and config.limit_train < len(folder.train_labels):
+            folder = folder.limited(config.limit_train)
+        return folder
     dataset = datasets.load(config.data, config.data_dir, **config.data_options)
     if config.limit_train is not None and config.limit_train < len(dataset.train_labels):
         dataset = dataclasses.replace(dataset, train_images=dataset.train_images[:config.limit_train],
                                       train_labels=dataset.train_labels[:config.limit_train])
     return dataset
+
+
+def stream_data_config(config: TrainConfig) -> DataConfig:
+    """How a streamed run (``config.stream``) prepares its images: the network's preset preprocessing (mean,
+    std, interpolation; :func:`portres.data_config`) for the ``color`` option's channels, at ``image_size``
+    (default: the preset's input size), resized in the preset's ratio
+    (:func:`~portres.data.streaming.streamed_data_config`).
+
+        >>> stream_data_config(TrainConfig(out="r", arch="resnet18", data="folder", stream=True,
+        ...                                data_options={"image_size": 64})).resize_size
+        73
+    """
+    spec = resolve(config.arch) if config.arch is not None else ResNetSpec.from_dict(config.spec)
+    channels = streamed.COLORS[config.data_options.get("color", "rgb")]
+    spec = dataclasses.replace(spec, in_channels=channels)  # a spec of other channels fails check_fits later
+    return streamed.streamed_data_config(data_config(spec), config.data_options.get("image_size"))
 
 
 def network_for(config: TrainConfig, dataset) -> ResNetSpec:
@@ -128,20 +157,26 @@ def evaluation_sums(plan: Plan, lowering, params: dict, images: np.ndarray, labe
     """``[summed loss, top-1 misses, top-5 misses, images]`` of eval-mode (running BN statistics) logits on
     ``images``: sums, so that shares of a test set evaluated apart add up. ``forward`` may be a compiled
     ``(params, x) -> logits`` to reuse between calls."""
-    forward = forward or lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
-    total_loss, top1, top5, count = 0.0, 0, 0, 0
-    num_classes = plan.spec.num_classes
     if len(labels) == 0:  # a process whose share of a small test set is empty
         return np.zeros(4)
     with datasets.batches(images, labels, batch_size, mean=mean, std=std, prefetch=0) as batches:
-        for x, y in batches:
-            logits = np.asarray(lowering.to_numpy(forward(params, lowering.from_numpy(x))), np.float64)
-            log_probabilities = log_softmax(logits)
-            total_loss += float(-log_probabilities[np.arange(len(y)), y].sum())
-            ranked = np.argsort(-logits, axis=1)
-            top1 += int((ranked[:, 0] != y).sum())
-            top5 += int((ranked[:, :min(5, num_classes)] != y[:, None]).all(1).sum())
-            count += len(y)
+        return batch_sums(plan, lowering, params, batches, forward)
+
+
+def batch_sums(plan: Plan, lowering, params: dict, batches, forward=None) -> np.ndarray:
+    """:func:`evaluation_sums` over ``batches`` of ``(float32 inputs, int64 labels)``, e.g. a streamed folder's
+    test batches (:meth:`~portres.data.streaming.StreamedFolder.test_batches`)."""
+    forward = forward or lowering.compile(lambda p, x: run_plan(plan, lowering, p, x)[plan.output])
+    total_loss, top1, top5, count = 0.0, 0, 0, 0
+    num_classes = plan.spec.num_classes
+    for x, y in batches:
+        logits = np.asarray(lowering.to_numpy(forward(params, lowering.from_numpy(x))), np.float64)
+        log_probabilities = log_softmax(logits)
+        total_loss += float(-log_probabilities[np.arange(len(y)), y].sum())
+        ranked = np.argsort(-logits, axis=1)
+        top1 += int((ranked[:, 0] != y).sum())
+        top5 += int((ranked[:, :min(5, num_classes)] != y[:, None]).all(1).sum())
+        count += len(y)
     return np.array([total_loss, top1, top5, count], np.float64)
 
 
@@ -285,8 +320,10 @@ class _Run:
         dataset = load_data(config)
         spec = network_for(config, dataset)
         plan = make_plan(spec)
-        lowering = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
-                              config.sync_bn)
+        # a step: forward and backward, about three passes over this replica's share of the batch
+        macs_per_step = 3 * summary(plan, dataset.image_size).macs * config.batch_size / group.replicas
+        lowering = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype,
+                                               macs_per_step), config.sync_bn)
         optimizer = make_optimizer(config)
         frozen = frozen_parameters(plan, config.freeze)  # a part that does not exist fails before anything is written
         lr_scale = learning_rate_scales(plan, config.lr_backbone, frozen)
@@ -366,20 +403,44 @@ class _Run:
         description = {"spec": self.spec.to_dict(), "config": config.recipe(), "optimizer": self.optimizer.config(),
                        "backend": config.backend, "dtype": self.lowering.dtype, "position": self.position.to_dict(),
                        "metrics": self.metrics, "finished_epoch": finished_epoch, "replicas": self.group.replicas,
-                       "class_names": list(self.dataset.class_names),
-                       "data": {"image_size": list(self.dataset.image_size), "mean": self.dataset.mean.tolist(),
-                                "std": self.dataset.std.tolist()}}
+                       "class_names": list(self.dataset.class_names), "data": self.data_record()}
         if self.group.is_writer:
             save_checkpoint(self.out / name, state_tensors(numpy_state, slots=name != BEST), description)
 
+    def data_record(self) -> dict:
+        """The checkpoints' ``data``: the inputs' size and normalisation (and a streamed folder's resize, crop and
+        channels), what ``portres.load`` prepares photos with."""
+        dataset = self.dataset
+        if isinstance(dataset, streamed.StreamedFolder):
+            return dataset.record()
+        return {"image_size": list(dataset.image_size), "mean": dataset.mean.tolist(), "std": dataset.std.tolist()}
+
+    def training_batches(self, start_batch: int):
+        """The epoch in progress's batches from ``start_batch`` on (the same whether resumed or not)."""
+        config, dataset, epoch = self.config, self.dataset, self.position.epoch
+        if isinstance(dataset, streamed.StreamedFolder):
+            return dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment,
+                                         start_batch=start_batch)
+        return datasets.batches(dataset.train_images, dataset.train_labels, config.batch_size, mean=dataset.mean,
+                                std=dataset.std, shuffle=True, seed=config.seed, epoch=epoch, augment=config.augment,
+                                drop_last=True, start_batch=start_batch)
+
+    def test_sums(self) -> np.ndarray:
+        """:func:`evaluation_sums` of this process's share of the test set (summed over the processes by the caller)."""
+        dataset = self.dataset
+        mine = self.group.local_rows(len(dataset.test_labels))  # the test set is shared out among the processes
+        if isinstance(dataset, streamed.StreamedFolder):
+            with dataset.test_batches(256, mine) as batches:
+                return batch_sums(self.plan, self.lowering, self.state.model, batches, forward=self.forward)
+        return evaluation_sums(self.plan, self.lowering, self.state.model, dataset.test_images[mine],
+                               dataset.test_labels[mine], dataset.mean, dataset.std, forward=self.forward)
+
     def train_epoch(self) -> bool:
         """The rest of the epoch in progress, a step per global batch; True when ``stop_after_steps`` stopped it."""
-        config, group, lowering, position, dataset = self.config, self.group, self.lowering, self.position, self.dataset
+        config, group, lowering, position = self.config, self.group, self.lowering, self.position
         epoch, sums = position.epoch, position.epoch_sums
         epoch_started = time.monotonic() - sums.seconds
-        with datasets.batches(dataset.train_images, dataset.train_labels, config.batch_size, mean=dataset.mean,
-                              std=dataset.std, shuffle=True, seed=config.seed, epoch=epoch, augment=config.augment,
-                              drop_last=True, start_batch=position.batch) as batches:
+        with self.training_batches(position.batch) as batches:
             for images, labels in batches:
                 lr = self.schedule(position.step)
                 mine = group.local_rows(len(labels))  # this process's slice of the global batch
@@ -417,12 +478,8 @@ class _Run:
                   "test_top5_error": None, "images_per_s": sums.seen / max(sums.seconds, 1e-9),
                   "seconds": sums.seconds}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            dataset = self.dataset
-            mine = self.group.local_rows(len(dataset.test_labels))  # the test set is shared out among the processes
             with self.group.collective(f"the evaluation after epoch {epoch + 1}", self.where_to_continue):
-                totals = self.group.sum_host(evaluation_sums(self.plan, self.lowering, self.state.model,
-                                                             dataset.test_images[mine], dataset.test_labels[mine],
-                                                             dataset.mean, dataset.std, forward=self.forward))
+                totals = self.group.sum_host(self.test_sums())
             loss_sum, top1, top5, count = totals
             record.update(test_loss=loss_sum / count, test_top1_error=top1 / count, test_top5_error=top5 / count)
         return record
@@ -490,7 +547,7 @@ def _check_resumable(path: Path, description: dict, config: TrainConfig, spec: R
     if description.get("optimizer") != optimizer.config():
         raise CheckpointError(f"{path} was written with the optimiser {description.get('optimizer')}, not "
                               f"{optimizer.config()}: resume with the same optimiser settings, or use another --out")
-    saved = description.get("config", {})
+    saved = with_added_defaults(description.get("config", {}))
     mine = json.loads(json.dumps(config.recipe()))  # tuples as lists, as in the file
     differing = sorted(key for key in set(saved) | set(mine) if saved.get(key) != mine.get(key))
     if differing:
@@ -551,6 +608,13 @@ def spec_of_checkpoint(path) -> ResNetSpec:
         raise DescriptionError(f"{error} (its field 'spec' does not describe its tensors)") from None
     check_class_names(path, description, spec.num_classes)
     return spec
+
+
+def streamed_checkpoint(path) -> bool:
+    """Whether the checkpoint ``path`` was trained on a folder streamed the ImageNet way (``stream``), so that
+    its test split is read the same way (resize + centre crop as its ``data`` record says)."""
+    config = read_description(path).get("config")
+    return isinstance(config, dict) and config.get("stream") is True
 
 
 def data_of_checkpoint(path) -> tuple[str | None, dict]:
