@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # the backends the tests must find: one that failed to install fails the run instead of vanishing from it
 EXPECT := PORTRES_EXPECT_BACKENDS=numpy,tinygrad,mlx,torch,onnxruntime
 
-.PHONY: setup system-deps bench test test-full test-fast lint matrix mutants mutants-full clean
+.PHONY: setup system-deps bench test test-opencl test-full test-fast lint matrix mutants mutants-full clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ bench: setup
 
 test: setup
 	$(EXPECT) $(BIN)/python -m pytest -q
+	@$(MAKE) --no-print-directory test-opencl
+
+# tinygrad's parity and gradient suites on its OpenCL device (pocl on a CPU-only machine), where it has one
+test-opencl: setup
+	@if $(BIN)/python -c 'import sys; from portres.backends import tinygrad; sys.exit(tinygrad.opencl_device() is None)'; \
+	then $(EXPECT) $(BIN)/python -m pytest -q --opencl; \
+	else echo "make test: tinygrad finds no OpenCL device, so its CL tier is skipped (sudo apt-get install pocl-opencl-icd)"; fi
 
 # every zoo entry on every backend (tinygrad too): well over 45 minutes on 2 cores
 test-full: setup
@@ -50,6 +57,18 @@ lint: setup
 # The standard CPU matrix for BENCHMARKS.md (the torch peer is in the venv: the tests use it too).
 matrix: setup
 	$(BIN)/python benchmarks/run_matrix.py --output BENCHMARKS.md
+
+# On a Linux machine with an NVIDIA GPU: parity (fp32/fp16/bf16, gradients) and ResNet-50 speed on tinygrad CUDA/NV,
+# MLX gpu and torch cuda within 10 minutes, rows into BENCHMARKS.md (benchmarks/gpu_check.py). Offline: it installs
+# from the wheels in .whl/ (make gpu-wheels) and uses the machine's own torch. The project's venv where there is one.
+gpu-check:
+	PYTHON=$$( [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON) ) bash benchmarks/gpu_check.sh
+
+# On a networked machine: the wheels a GPU machine without network may lack (~19 MiB, for Python 3.12 x86-64;
+# GPU_WHEELS_PYTHON=3.11 for another), into .whl/ (ignored by git; the device tool carries it with `carry`)
+GPU_WHEELS_PYTHON ?= 3.12
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_check.py --download-wheels --python-version $(GPU_WHEELS_PYTHON)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -30,6 +30,9 @@ import os
 import numpy as np
 
 # what the plan walker calls on every backend (``portres.walker.apply_op``)
+# device names that are not the host CPU (mlx: gpu; torch: cuda, mps; tinygrad: its GPU runtimes)
+ACCELERATOR_DEVICES = ("gpu", "cuda", "mps", "metal", "amd", "nv", "qcom", "webgpu")
+
 PRIMITIVES = ("conv2d", "batch_norm", "channel_affine", "relu", "max_pool", "zero_pad", "avg_pool", "subsample",
               "pad_channels", "add", "global_avg_pool", "linear")
 
@@ -101,6 +104,20 @@ class AbstractBackend:
     lock = contextlib.nullcontext()  # reusable and re-entrant
     group = None
     sync_bn = False
+
+    @classmethod
+    def default_device(cls, macs_per_call: float | None = None) -> str | None:
+        """The device this backend picks when none is given, for work of ``macs_per_call`` multiply-adds
+        per call (``None``: unknown); ``None``: the framework's own default (tinygrad chooses by the work).
+
+            >>> backends.load("tinygrad").Backend.default_device(16 * 4.1e9)   # 'CL' on a CPU-only machine with pocl
+        """
+        return None
+
+    @property
+    def accelerator(self) -> bool:
+        """Whether the device is an accelerator (a GPU), not the host CPU: bench's default batch follows it."""
+        return self.device.lower().split(":")[0] in ACCELERATOR_DEVICES
 
     def _missing(self, what: str) -> NotImplementedError:
         return NotImplementedError(f"the {self.name} backend has no {what}")

@@ -7,7 +7,9 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,7 +19,7 @@ from .base import AbstractBackend
 try:
     from tinygrad import Context, Device, GlobalCounters, Tensor, TinyJit, dtypes
     from tinygrad.device import ALL_DEVICES
-    from tinygrad.helpers import BEAM
+    from tinygrad.helpers import BEAM, DEV
 except ImportError as error:  # pragma: no cover - guarded by backends.unavailable_reason
     raise ImportError(f"the tinygrad backend needs tinygrad: pip install 'portres[tinygrad]' ({error})") from None
 
@@ -26,17 +28,107 @@ FOLD_BATCH_NORM = True  # one conv kernel with a bias instead of conv + a BN pas
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16, "float64": dtypes.float64}
 
 
+# tinygrad devices that are not the host CPU (CL is either: see opencl_device)
+ACCELERATORS = ("METAL", "AMD", "NV", "CUDA", "QCOM", "WEBGPU")
+# Work per call from which pocl's OpenCL CPU device (every core) beats tinygrad's CPU device (one worker
+# thread, clang) on a CPU-only machine; below it the CPU device's shorter compiles and launches win.
+# Measured on 2-core Xeon/EPYC VMs: benchmarks/perf_log.md, "tinygrad on OpenCL".
+CL_MIN_MACS_PER_CALL = 2e9
+
+
 def devices() -> list[str]:
     return list(Device.get_available_devices())
 
 
+@dataclass(frozen=True)
+class OpenCLDevice:
+    """What an OpenCL device is, as its driver reports it (``portres backends`` prints it)."""
+    platform: str  # e.g. "Portable Computing Language" (pocl)
+    version: str  # the platform's version line
+    name: str  # the device, e.g. "pthread-skylake-avx512-Intel(R) Xeon(R) Processor"
+    kind: str  # "CPU", "GPU" or "accelerator"
+    compute_units: int  # CL_DEVICE_MAX_COMPUTE_UNITS: cores for a CPU device
+    float64: bool  # cl_khr_fp64
+    float16: bool  # cl_khr_fp16
+
+    def describe(self) -> str:
+        precisions = ", ".join(["float32"] + ["float64"] * self.float64 + ["float16"] * self.float16)
+        return (f"{self.platform} ({self.version.split('  ')[0]}): {self.name}, {self.kind}, "
+                f"{self.compute_units} compute units, {precisions}")
+
+
+@functools.cache
+def opencl_device(device: str = "CL") -> OpenCLDevice | None:
+    """The OpenCL device tinygrad's ``device`` opens, or ``None`` where there is no usable one."""
+    import ctypes
+
+    try:
+        from tinygrad.runtime.autogen import opencl as cl
+
+        opened = Device[device]
+        kind, units, platform = ctypes.c_uint64(), ctypes.c_uint32(), cl.cl_platform_id()
+        cl.clGetDeviceInfo(opened.cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
+        cl.clGetDeviceInfo(opened.cl_dev, cl.CL_DEVICE_MAX_COMPUTE_UNITS, 4, ctypes.byref(units), None)
+        cl.clGetDeviceInfo(opened.cl_dev, cl.CL_DEVICE_PLATFORM, ctypes.sizeof(platform), ctypes.byref(platform), None)
+
+        def platform_text(what) -> str:
+            text = ctypes.create_string_buffer(512)
+            cl.clGetPlatformInfo(platform, what, 512, text, None)
+            return text.value.decode(errors="replace")
+
+        kinds = {cl.CL_DEVICE_TYPE_CPU: "CPU", cl.CL_DEVICE_TYPE_GPU: "GPU"}
+        return OpenCLDevice(platform_text(cl.CL_PLATFORM_NAME), platform_text(cl.CL_PLATFORM_VERSION),
+                            opened.device_name, kinds.get(kind.value, "accelerator"), units.value,
+                            "cl_khr_fp64" in opened.device_exts, "cl_khr_fp16" in opened.device_exts)
+    except Exception:  # noqa: BLE001 - no OpenCL library, no ICD, no device: all mean "none here"
+        return None
+
+
+@functools.cache
+def _tinygrad_default() -> str:
+    """tinygrad's own default device (its first usable one, or DEV=...), without the DEV it writes into
+    os.environ for child processes: there it would read as the user's choice and pin portres's."""
+    before = os.environ.get("DEV")
+    try:
+        return Device.DEFAULT
+    finally:
+        if before is None:
+            os.environ.pop("DEV", None)
+
+
+def default_device(macs_per_call: float | None = None) -> str:
+    """The device portres runs tinygrad on when none is given: the user's ``DEV=...``; else a GPU where
+    there is one; else, on a CPU-only machine, an OpenCL CPU device (pocl: every core) for work of
+    ``macs_per_call`` >= CL_MIN_MACS_PER_CALL multiply-adds per call (or unknown work), and tinygrad's
+    CPU device (one worker thread, but shorter compiles) for less.
+
+        >>> default_device(16 * 4.1e9), default_device(64 * 2.6e6)    # with pocl, no GPU
+        ('CL', 'CPU')
+    """
+    chosen = _tinygrad_default()
+    if DEV.device or chosen.split(":")[0] not in ("CL", "CPU"):
+        return chosen
+    opencl = opencl_device() if chosen.startswith("CL") else None
+    if opencl is None or opencl.kind != "CPU":
+        return chosen  # tinygrad's CPU device, or an OpenCL GPU
+    if shutil.which("clang") is None:
+        return chosen  # tinygrad's CPU device compiles with clang
+    small = macs_per_call is not None and macs_per_call < CL_MIN_MACS_PER_CALL
+    return "CPU" if small or opencl.compute_units < 2 else chosen
+
+
 def info() -> dict:
-    return {"framework": f"tinygrad {importlib.metadata.version('tinygrad')}", "devices": devices(),
-            "default_device": Device.DEFAULT}
+    record = {"framework": f"tinygrad {importlib.metadata.version('tinygrad')}", "devices": devices(),
+              "default_device": default_device(),
+              "default_device_rule": (f"{default_device(0)} below {CL_MIN_MACS_PER_CALL:.0e} multiply-adds per call"
+                                      if default_device(0) != default_device() else None)}
+    if (opencl := opencl_device()) is not None:
+        record["opencl"] = opencl.describe()
+    return record
 
 
 def _open_device(device: str | None) -> str:
-    name = Device.canonicalize(device)
+    name = Device.canonicalize(device if device is not None else default_device())
     if name.split(":")[0] not in ALL_DEVICES:
         raise ValueError(f"unknown tinygrad device {device!r}; tinygrad knows {', '.join(ALL_DEVICES)}")
     try:
@@ -100,8 +192,11 @@ class Backend(AbstractBackend):
                  strided_convs_to_depth: bool = False):
         self.device = _open_device(device)
         # tinygrad 0.14's CPU runtime runs its kernels one after another on one worker thread, however
-        # many cores there are (a train step's process CPU time equals its wall time)
-        self.threads = "1 CPU worker thread" if self.device.startswith("CPU") else "device"
+        # many cores there are (a train step's process CPU time equals its wall time); OpenCL CPU devices
+        # (pocl) spread each kernel's work-groups over every core
+        opencl = opencl_device(self.device) if self.device.startswith("CL") else None
+        self.threads = ("1 CPU worker thread" if self.device.startswith("CPU") else
+                        f"OpenCL {opencl.kind} device, {opencl.compute_units} compute units" if opencl else "device")
         self.dtype = dtype or "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"tinygrad backend dtypes are {', '.join(DTYPES)}, not {self.dtype!r}")
@@ -119,6 +214,16 @@ class Backend(AbstractBackend):
             if self.dtype == "bfloat16":
                 hint = "; on CPU, bfloat16 needs a clang whose x86 target has __bf16 (clang 14 lacks it)"
             raise ValueError(f"{problem}; use float32 or float16{hint}")
+
+    @classmethod
+    def default_device(cls, macs_per_call: float | None = None) -> str:
+        return default_device(macs_per_call)
+
+    @property
+    def accelerator(self) -> bool:
+        kind = self.device.split(":")[0]
+        opencl = opencl_device(self.device) if kind == "CL" else None
+        return kind in ACCELERATORS or (opencl is not None and opencl.kind != "CPU")
 
     def options(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "winograd": self.winograd,
@@ -245,7 +350,8 @@ class Backend(AbstractBackend):
 
     def _scalar(self, value) -> Tensor:
         """A 0-d tensor in a buffer of its own: the JIT takes no constants as inputs."""
-        return Tensor(value, dtype=self._dtype, device=self.device).clone().realize()
+        # clone() without a device puts a constant's copy on tinygrad's default device (CL with pocl)
+        return Tensor(value, dtype=self._dtype, device=self.device).clone(device=self.device).realize()
 
     def data_parallel(self, devices: tuple[str, ...], *, sync_bn: bool = False) -> ReplicatedBackend:
         """This backend replicated over ``devices`` in one process (see :class:`ReplicatedBackend`): tinygrad's

@@ -85,8 +85,11 @@ def backends(as_json):
     indent = " " * (width + 10)
     for r in report:
         if r["available"]:
+            rule = f"; {r['default_device_rule']}" if r.get("default_device_rule") else ""
             click.echo(f"{r['backend']:{width}s}  ok       {r['framework']}; devices: {', '.join(r['devices'])} "
-                       f"(default {r['default_device']})")
+                       f"(default {r['default_device']}{rule})")
+            if r.get("opencl"):
+                click.echo(f"{indent} OpenCL: {r['opencl']}")
             if r.get("blas"):
                 click.echo(f"{indent} BLAS: {r['blas']}")
             if r.get("blas_core"):

@@ -32,12 +32,21 @@ import numpy as np
 
 from .backends.base import Forwarding
 
-GPU_DEVICES = ("gpu", "cuda", "metal", "mps", "cl", "amd", "nv")
+
+def default_batch(accelerator: bool) -> int:
+    """16 on CPUs (enough to amortise per-call overhead; OpenCL CPU devices too), 64 on GPUs."""
+    return 64 if accelerator else 16
 
 
-def default_batch(device: str | None) -> int:
-    """16 on CPUs (enough to amortise per-call overhead), 64 on GPUs."""
-    return 64 if device and device.lower().split(":")[0] in GPU_DEVICES else 16
+def _device_for(module, spec, config: BenchConfig) -> str | None:
+    """The device to time on: the one asked for, else the backend's default for this work (tinygrad picks
+    OpenCL's every-core CPU device or its one-thread CPU device by the multiply-adds per call)."""
+    from .analysis import summary
+
+    if config.device is not None:
+        return config.device
+    macs = summary(spec, config.input_size).macs * (config.batch or default_batch(False)) * (3 if config.train else 1)
+    return module.Backend.default_device(macs)
 
 
 @dataclasses.dataclass
@@ -45,7 +54,7 @@ class BenchConfig:
     backend: str  # backend name
     spec: dict  # ResNetSpec.to_dict()
     device: str | None = None  # backend device; None: the framework's default
-    batch: int | None = None  # images per forward pass; None: default_batch(the backend's device)
+    batch: int | None = None  # images per forward pass; None: default_batch(whether the device is an accelerator)
     input_size: int = 224  # square input side
     dtype: str | None = None  # compute dtype; None: the backend's default
     warmup: int = 2  # untimed passes after the first call (TinyJit captures on the 2nd)
@@ -176,6 +185,8 @@ def run_benchmark(config: BenchConfig) -> dict:
     if group is not None and group.rank != 0:
         progress = _Silent()
     module = backends.load(config.backend, config.device)
+    if group is None:  # a rank's device is its group's to place
+        config = dataclasses.replace(config, device=_device_for(module, spec, config))
     rss_start = _peak_rss_bytes()
     started = time.perf_counter()
     if config.train:
@@ -235,7 +246,7 @@ def _inference_pass(spec, config: BenchConfig):
     backend = model.backend
     if config.beam:  # before the first call compiles (tinygrad's BEAM; otherwise the environment's BEAM holds)
         backend.search_kernels(config.beam)
-    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
+    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.accelerator))
     rng = np.random.default_rng(config.seed)
     images = rng.standard_normal((config.batch, spec.in_channels, config.input_size, config.input_size))
     x = backend.from_numpy(model.check_input(images.astype(np.float32)))
@@ -266,7 +277,7 @@ def _training_pass(spec, config: BenchConfig, group=None):
                              sync_bn=False)
     if config.beam:
         backend.search_kernels(config.beam)
-    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.device))
+    config = dataclasses.replace(config, batch=config.batch or default_batch(backend.accelerator))
     if config.batch < 2:
         raise ValueError("training needs --batch 2 or more: train-mode batch norm normalises over the batch")
     spec.require_classifier("a training benchmark")

@@ -14,6 +14,13 @@
 * ``make test-fast`` (``--fast``): the inner loop: the reference, one small network per framework
   and the mechanics, in a few minutes; it keeps a zoo-parametrised test only for FAST_NETWORKS,
   runs tinygrad only where FAST_TINYGRAD says, and drops tests marked ``slow``.
+* ``--opencl`` (``make test`` runs it after the main run where tinygrad finds an OpenCL device): the same
+  tests with tinygrad on its CL device (``DEV=CL``; pocl on a CPU-only machine): forward parity of every
+  distinct architecture (REPRESENTATIVES, but the heavy ones), float64 forward parity, gradient parity of
+  resnet20 and the small networks covering every layer kind, and the low-precision tests (OPENCL_TESTS).
+
+Everywhere else tinygrad runs on the device a test names, or on its CPU device (``DEV=CPU`` below, unless
+the environment sets ``DEV``): the short compiles keep the main run within its time.
 
 ``PORTRES_EXPECT_BACKENDS="numpy,tinygrad,..."`` (the Makefile's test targets set it) names the
 backends the run must find: a framework that failed to install then fails the run at its start,
@@ -26,7 +33,11 @@ import os
 
 import pytest
 
-from portres import backends, zoo
+# before any test imports tinygrad, which reads DEV once (portres's own default would pick OpenCL's
+# every-core device for large work: see backends/tinygrad.py default_device)
+os.environ.setdefault("DEV", "CPU")
+
+from portres import backends, zoo  # noqa: E402
 
 FAST_NETWORKS = {"resnet20"}
 FAST_TINYGRAD = ("test_float32_parity_for_every_zoo_entry", "test_float64_gradient_parity_for_every_zoo_entry",
@@ -101,12 +112,23 @@ def gradient_frameworks(name: str) -> tuple[str, ...]:
     return (rotation[on_reduced.index(name) % len(rotation)],) if rotation else ()
 
 
+# the tinygrad tests the --opencl tier runs on the CL device (zoo-parametrised ones on OPENCL_NETWORKS)
+# (the forward parity on every distinct architecture; the rest on resnet20 and small networks)
+OPENCL_TESTS = ("test_float32_parity_for_every_zoo_entry", "test_float64_forward_parity",
+                "test_float64_gradient_parity_for_every_zoo_entry", "test_gradient_parity_of_every_layer_kind",
+                "test_random_small_networks_agree_in_float32", "test_low_precision_parity")
+OPENCL_NETWORKS = (REPRESENTATIVES - HEAVY_NETWORKS) | FAST_NETWORKS
+
+
 def pytest_addoption(parser):
     parser.addoption("--fast", action="store_true", help="the inner-loop tier (see tests/conftest.py)")
+    parser.addoption("--opencl", action="store_true", help="tinygrad's parity suites on its OpenCL device")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out by --fast (long runs, sweeps, subprocess kills)")
+    if config.getoption("--opencl"):
+        os.environ["DEV"] = "CL"  # tinygrad is imported later, by the test modules
 
 
 def missing_expected_backends(expected: str | None) -> list[str]:
@@ -126,7 +148,17 @@ def missing_expected_backends(expected: str | None) -> list[str]:
     return lines
 
 
+def opencl_problem() -> str | None:
+    """Why the --opencl tier cannot run here, or None."""
+    reason = backends.unavailable_reason("tinygrad", "CL")
+    if reason is None and backends.load("tinygrad").opencl_device() is None:
+        reason = "tinygrad finds no OpenCL device (Debian/Ubuntu: sudo apt-get install pocl-opencl-icd)"
+    return reason
+
+
 def pytest_sessionstart(session):
+    if session.config.getoption("--opencl") and (problem := opencl_problem()):
+        raise pytest.UsageError(f"--opencl: {problem}")
     missing = missing_expected_backends(os.environ.get(EXPECT_VARIABLE))
     if missing:  # its tests would not be collected, and the run would stay green without them
         raise pytest.UsageError("\n".join(missing))
@@ -169,8 +201,20 @@ def _in_fast_tier(item) -> bool:
     return True
 
 
+def _in_opencl_tier(item) -> bool:
+    on_tinygrad = any(isinstance(value, str) and value == "tinygrad" for value in _params(item).values())
+    if not on_tinygrad or item.originalname not in OPENCL_TESTS:
+        return False
+    network = _zoo_network(item)
+    if item.originalname != "test_float32_parity_for_every_zoo_entry":
+        return network is None or network in FAST_NETWORKS
+    return network in OPENCL_NETWORKS and _params(item).get("bn") != "unfolded"
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--fast"):
+    if config.getoption("--opencl"):
+        keep = _in_opencl_tier
+    elif config.getoption("--fast"):
         keep = _in_fast_tier
     elif FULL_ZOO:
         return

@@ -1,0 +1,136 @@
+"""Which device tinygrad runs on when none is named: the user's DEV, a GPU, or on a CPU-only machine
+OpenCL's every-core CPU device (pocl) for large work and tinygrad's one-thread CPU device for small work.
+
+The policy is checked against faked machines (a GPU, an OpenCL GPU, pocl with one or two cores, no
+clang); the real machine's OpenCL device, where it has one, in the last tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from portres import backends
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("tinygrad") is not None, reason="tinygrad not installed")
+
+
+@pytest.fixture
+def tinygrad():
+    return backends.load("tinygrad")
+
+
+def pocl(compute_units: int = 2, kind: str = "CPU"):
+    return lambda device="CL": SimpleNamespace(kind=kind, compute_units=compute_units)
+
+
+def fake_machine(monkeypatch, tinygrad, *, first: str, opencl=None, user_dev: str = "", clang: bool = True):
+    """tinygrad's first usable device ``first``, its OpenCL device ``opencl``, DEV as the user set it."""
+    monkeypatch.setattr(tinygrad, "_tinygrad_default", lambda: user_dev or first)
+    monkeypatch.setattr(tinygrad, "opencl_device", opencl or (lambda device="CL": None))
+    monkeypatch.setattr(tinygrad, "DEV", SimpleNamespace(device=user_dev))
+    monkeypatch.setattr(tinygrad.shutil, "which", lambda name: "/usr/bin/clang" if clang else None)
+
+
+RESNET50_B16 = 16 * 4.1e9
+DIGITS_RESNET20_B64 = 64 * 2.6e6
+
+
+def test_on_a_cpu_only_machine_with_pocl_large_work_goes_to_every_core_and_small_work_to_the_cpu_device(
+        monkeypatch, tinygrad):
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2))
+    assert tinygrad.default_device(RESNET50_B16) == "CL"
+    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CPU"
+    assert tinygrad.default_device(tinygrad.CL_MIN_MACS_PER_CALL) == "CL"
+    assert tinygrad.default_device(None) == "CL"  # unknown work: the device that uses every core
+
+
+def test_a_gpu_is_the_default_whatever_the_work(monkeypatch, tinygrad):
+    fake_machine(monkeypatch, tinygrad, first="CUDA", opencl=pocl(2))
+    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CUDA"
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(64, kind="GPU"))
+    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"
+
+
+def test_the_users_dev_wins(monkeypatch, tinygrad):
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), user_dev="CPU")
+    assert tinygrad.default_device(RESNET50_B16) == "CPU"
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), user_dev="CL")
+    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"
+
+
+def test_one_core_or_no_clang_or_no_opencl(monkeypatch, tinygrad):
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(1))
+    assert tinygrad.default_device(RESNET50_B16) == "CPU"  # nothing to spread over
+    fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), clang=False)
+    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"  # the CPU device cannot compile
+    fake_machine(monkeypatch, tinygrad, first="CPU")
+    assert tinygrad.default_device(RESNET50_B16) == "CPU"
+
+
+def test_build_and_bench_ask_for_the_work_at_hand(monkeypatch, tinygrad):
+    import portres
+    from portres import bench
+
+    asked = []
+    pick = classmethod(lambda cls, macs=None: asked.append(macs) or "CPU")
+    monkeypatch.setattr(tinygrad.Backend, "default_device", pick)
+    assert portres.build("resnet20", "tinygrad").backend.device == "CPU"
+    assert asked[-1] == portres.summary("resnet20", 32).macs  # one image at its usual size
+    config = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), input_size=64, batch=4, train=True)
+    assert bench._device_for(tinygrad, portres.get("resnet50"), config) == "CPU"
+    assert asked[-1] == portres.summary("resnet50", 64).macs * 4 * 3  # a training step: three passes of work
+    named = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), device="CL")
+    assert bench._device_for(tinygrad, portres.get("resnet50"), named) == "CL"
+
+
+def test_choosing_leaves_no_dev_behind_for_child_processes():
+    """tinygrad writes DEV=<its default> into os.environ; a child would read it as the user's choice."""
+    environment = {key: value for key, value in os.environ.items() if key != "DEV"}
+    code = ("import os; from portres.backends import tinygrad; tinygrad.default_device(); tinygrad.info(); "
+            "print(os.environ.get('DEV'))")
+    out = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
+def test_an_opencl_cpu_device_is_described_and_not_taken_for_a_gpu(tinygrad):
+    opencl = tinygrad.opencl_device()
+    if opencl is None:
+        pytest.skip("no OpenCL device here (sudo apt-get install pocl-opencl-icd)")
+    backend = tinygrad.Backend(device="CL")
+    assert backend.accelerator == (opencl.kind != "CPU")
+    assert f"{opencl.compute_units} compute units" in backend.threads
+    assert opencl.describe() in tinygrad.info()["opencl"]
+    from portres import bench
+
+    assert bench.default_batch(backend.accelerator) == (16 if opencl.kind == "CPU" else 64)
+    out = subprocess.run([sys.executable, "-m", "portres.cli", "backends"], capture_output=True, text=True, timeout=120)
+    assert f"OpenCL: {opencl.describe()}" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_device_that_is_not_tinygrads_default_holds_every_tensor_of_a_train_step():
+    """With pocl, tinygrad's own default is CL: a constant copied without naming the device landed there
+    and a train step on --device CPU failed ("all buffers must be on the same device: ['CPU', 'CL']")."""
+    import portres
+
+    tinygrad = backends.load("tinygrad")
+    if tinygrad.opencl_device() is None:
+        pytest.skip("needs a second tinygrad device: an OpenCL one (sudo apt-get install pocl-opencl-icd)")
+    spec = portres.ResNetSpec(name="tiny", block="basic", stem=portres.StemSpec(kind="cifar", width=4, max_pool=False),
+                              stages=(portres.StageSpec(1, 4, 1),), num_classes=3)
+    code = ("import json, sys; from portres import bench, ResNetSpec\n"
+            "spec = ResNetSpec.from_dict(json.loads(sys.argv[1]))\n"
+            "for train in (True, False):\n"
+            "    record = bench.run_benchmark(bench.BenchConfig('tinygrad', spec.to_dict(), device='CPU', batch=2,"
+            " input_size=8, iters=1, warmup=1, train=train))\n"
+            "    print(record['device'])")
+    environment = {**os.environ, "DEV": "CL"}  # tinygrad's default elsewhere than the device asked for
+    out = subprocess.run([sys.executable, "-c", code, spec.to_json()], env=environment, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["CPU", "CPU"]
