@@ -12,8 +12,9 @@ dies with SIGILL), and reports the outcome as ``info()["blas"]``, ``"blas_core"`
 ``"blas_rejected"``; falling back to the bundled BLAS warns once (``BundledBlasWarning``).
 
 Speed on CPU (measured, see benchmarks/perf_log.md): 1x1 convs run as one GEMM, 3x3
-stride-1 convs on large maps as accumulated GEMMs over shifted views (no im2col copy), and
-the batch is split across one CPU stream per core, because MLX runs a stream's
+stride-1 convs on large maps as accumulated GEMMs over shifted views (no im2col copy), on
+mid-sized maps (float32) by Winograd F(4x4, 3x3), the 7x7/2 stem over its space-to-depth
+input, and the batch is split across one CPU stream per core, because MLX runs a stream's
 elementwise ops on a single thread.
 """
 
@@ -91,14 +92,17 @@ def _set_blas_threads(threads: int) -> None:
 
 class Backend(AbstractBackend):
     """MLX arrays, NHWC inside. ``cpu_streams``: CPU streams a batch is split across (default: one per
-    core). For gradients (``for_gradients``): ``strided_convs_to_depth`` and ``shifted_gemm_min_pixels``
-    (see their constants below). ``group``/``sync_bn``: one replica of a data-parallel group."""
+    core). ``winograd``: float32 stride-1 3x3 convs on maps up to ``winograd_max_pixels`` by Winograd
+    F(4x4, 3x3) on the CPU (``_winograd_pays``). For gradients (``for_gradients``): ``strided_convs_to_depth``,
+    ``shifted_gemm_min_pixels`` and ``winograd_max_pixels`` (see their constants below). ``group``/``sync_bn``:
+    one replica of a data-parallel group."""
 
     name = NAME
     autodiff = True
 
     def __init__(self, device: str | None = None, dtype: str | None = None, cpu_streams: int | None = None, *,
-                 strided_convs_to_depth: bool = False, shifted_gemm_min_pixels: int | None = None,
+                 strided_convs_to_depth: bool | None = None, shifted_gemm_min_pixels: int | None = None,
+                 winograd: bool = True, winograd_max_pixels: int | None = None,
                  group: ProcessGroup | None = None, sync_bn: bool = False):
         if device is None:  # float64 exists on the CPU only: a float64 request defaults there (Apple: GPU otherwise)
             self._device = mx.cpu if dtype == "float64" else mx.default_device()
@@ -124,7 +128,11 @@ class Backend(AbstractBackend):
         if isinstance(cpu_streams, bool) or not isinstance(cpu_streams, int) or cpu_streams < 1:
             raise ValueError(f"cpu_streams={cpu_streams!r} must be a positive integer")
         self.cpu_streams = cpu_streams  # streams the batch is split across
-        self.strided_convs_to_depth = strided_convs_to_depth  # on CPU: see _space_to_depth_conv
+        # on CPU: see _space_to_depth_conv; None: the stems' large kernels only (SPACE_TO_DEPTH_MIN_KERNEL)
+        self.strided_convs_to_depth = strided_convs_to_depth
+        self.winograd = winograd  # on CPU, float32: see _winograd_pays
+        self._winograd_max_pixels_option = winograd_max_pixels  # None: the default for the role (see for_gradients)
+        self.winograd_max_pixels = self.WINOGRAD_MAX_PIXELS if winograd_max_pixels is None else winograd_max_pixels
         self.shifted_gemm_min_pixels = self.SHIFTED_GEMM_MIN_PIXELS if shifted_gemm_min_pixels is None \
             else shifted_gemm_min_pixels
         if sync_bn and group is None:
@@ -136,7 +144,9 @@ class Backend(AbstractBackend):
     def options(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "cpu_streams": self.cpu_streams,
                 "strided_convs_to_depth": self.strided_convs_to_depth,
-                "shifted_gemm_min_pixels": self.shifted_gemm_min_pixels, "group": self.group, "sync_bn": self.sync_bn}
+                "shifted_gemm_min_pixels": self.shifted_gemm_min_pixels, "winograd": self.winograd,
+                "winograd_max_pixels": self._winograd_max_pixels_option,
+                "group": self.group, "sync_bn": self.sync_bn}
 
     def _streams(self) -> list:
         """This thread's CPU streams: each thread that runs the model gets its own, so a model built in one
@@ -209,15 +219,30 @@ class Backend(AbstractBackend):
             return self._pointwise_conv(x, weight, bias, stride)
         # MLX's own conv computes float64 in float32 (1.5e-7 off on CPU): float64 runs GEMMs only
         exact = self.dtype == "float64"
-        if self.device == "cpu" and groups == 1 and stride > 1 and self.strided_convs_to_depth:
+        to_depth = self.strided_convs_to_depth
+        if to_depth is None:
+            to_depth = kernel >= self.SPACE_TO_DEPTH_MIN_KERNEL
+        if self.device == "cpu" and groups == 1 and stride > 1 and to_depth:
             return self._space_to_depth_conv(x, weight, bias, stride, padding)
         if self.device == "cpu" and (groups > 1 or (stride > 1 and exact)):
             return self._channel_major_conv(x, weight, bias, stride, padding, groups)
+        if self.device == "cpu" and groups == 1 and stride == 1 and self._winograd_pays(x.shape, kernel, padding):
+            y = kernels.winograd_conv3x3(mx.default_stream(self._device))(x, weight)
+            return y if bias is None else y + bias
         if self.device == "cpu" and stride == 1 and padding == kernel // 2 \
                 and (x.shape[1] * x.shape[2] >= self.shifted_gemm_min_pixels or exact):
             return self._shifted_gemm_conv(x, weight, bias, padding)
         y = mx.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
         return y if bias is None else y + bias
+
+    def for_nonfinite_input(self) -> Backend:
+        """This backend with direct convs only: Winograd's 6x6 input tiles spread one NaN/inf over a 4x4 output
+        tile, and the space-to-depth conv's zero-padded taps multiply inputs outside the window (0 * inf is
+        NaN), so only direct convs match the reference's NaN/inf pattern (``Model`` switches per call)."""
+        changes = {"winograd": False} if self.winograd else {}
+        if self.strided_convs_to_depth is not False:
+            changes["strided_convs_to_depth"] = False
+        return self.variant(**changes) if changes else self
 
     def for_training(self) -> Backend | _BatchSplit:
         """This backend as a training step runs it: ``for_gradients``, with the batch split across the
@@ -231,7 +256,30 @@ class Backend(AbstractBackend):
         forward, but its gradient w.r.t. the input runs a dilated conv that is 5-14x slower on CPU
         (ResNet-50's 3x3/2 at 28x28, batch 16: 4.4 s vs 0.3 s) and has no float64 kernel."""
         return self.variant(strided_convs_to_depth=self.device == "cpu",
-                            shifted_gemm_min_pixels=self.TRAINING_SHIFTED_GEMM_MIN_PIXELS)
+                            shifted_gemm_min_pixels=self.TRAINING_SHIFTED_GEMM_MIN_PIXELS,
+                            winograd_max_pixels=self.TRAINING_WINOGRAD_MAX_PIXELS
+                            if self._winograd_max_pixels_option is None else self._winograd_max_pixels_option)
+
+    # Winograd F(4x4, 3x3) (kernels.winograd_conv3x3) against the shifted GEMMs and MLX's conv, one stream,
+    # one BLAS thread, forward (perf_log.md step 14): it wins where maps are mid-sized and channels many
+    # (ResNet-50 at batch 8: 28x28x128 12 ms vs 19; 14x14x256 13 vs 17; ResNet-20 8x8x64 at batch 64:
+    # 3.3 vs 4.7). Its transforms cost per (tile, channel) what a 36-channel GEMM would, so at 56x56x64 it
+    # only ties and at 32x32x16 loses (12 vs 7 ms); and the filter transform, recomputed per call, outweighs
+    # few tiles (7x7x512 at batch 8: 38 vs 16 ms).
+    WINOGRAD_MAX_PIXELS = 28 * 28
+    WINOGRAD_MIN_TILES = 64
+    # Differentiated (forward and hand-written gradient, kernels.winograd_vjp) it loses at 16x16 and up
+    # (ResNet-20's 16x16x32 at batch 64: 44-46 vs 21-22 ms shifted; 32x32x16: 93-97 vs 28-32) and at 8x8x64
+    # went either way (17.6 vs 22.4 ms wall; 26.2 vs 19.1 ms CPU), as did the whole ResNet-20 step
+    # (perf_log.md T16): off for gradients unless ``winograd_max_pixels`` is given (64 takes the 8x8 maps).
+    TRAINING_WINOGRAD_MAX_PIXELS = 0
+
+    def _winograd_pays(self, shape, kernel: int, padding: int) -> bool:
+        """Whether a stride-1 conv of an NHWC input of ``shape`` runs as Winograd F(4x4, 3x3) here."""
+        n, h, w, _ = shape
+        tiles = n * -(-h // 4) * -(-w // 4)
+        return (self.winograd and self.device == "cpu" and self.dtype == "float32" and kernel == 3 and padding == 1
+                and h * w <= self.winograd_max_pixels and tiles >= self.WINOGRAD_MIN_TILES)
 
     # MLX's CPU conv is im2col + one GEMM; at large feature maps the im2col copy costs more
     # than the GEMM (ResNet-50 3x3 at 56x56: 78 ms of copy vs 22 ms of GEMM), so there
@@ -241,6 +289,11 @@ class Backend(AbstractBackend):
     # im2col convs (ResNet-20's 3x3 at 16x16, 32 channels, batch 64, one thread: forward and
     # gradient 24.5 ms shifted vs 50.3 ms MLX; at 8x8 with 64 channels 24-33 vs 36-37 ms).
     TRAINING_SHIFTED_GEMM_MIN_PIXELS = 8 * 8
+
+    # Strided convs forward: MLX's own (im2col + one GEMM) beats the space-to-depth shifted GEMMs for 3x3/2
+    # (ResNet-50 at batch 8, one thread, CPU ms: 56x56x128 30 vs 53; 14x14x512 22 vs 111), but not for the 7x7/2
+    # stem on 3 channels (224x224: 70 vs 60), whose im2col copies 49 taps of 3-float runs.
+    SPACE_TO_DEPTH_MIN_KERNEL = 5
 
     def _pointwise_conv(self, x, weight, bias, stride):
         # a 1x1 conv is one GEMM over pixels: (N*H*W, C) @ (C, O); MLX's conv path is 1.5-7x slower
