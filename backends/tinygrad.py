@@ -208,7 +208,8 @@ class Backend(AbstractBackend):
         self.strided_convs_to_depth = strided_convs_to_depth  # see _space_to_depth_conv
         self._host_dtype = np.float64 if self.dtype == "float64" else np.float32  # NumPy side of transfers
         if self._dtype not in Device[self.device].renderer.supported_dtypes():
-            raise ValueError(f"tinygrad device {self.device} does not support {self.dtype}; use float32")
+            raise ValueError(f"tinygrad device {self.device} cannot compute in {self.dtype} (its renderer lacks it: "
+                             f"OpenCL needs cl_khr_fp16 for float16); use float32")
         if self.dtype != "float32" and (problem := _dtype_problem(self.device, self.dtype)):
             hint = ""
             if self.dtype == "bfloat16":

@@ -520,23 +520,15 @@ def dry_run(targets: list[Target], sizes: Sizes, site: Path, wheels: Path) -> No
 
 # -- BENCHMARKS.md --------------------------------------------------------------------------------------------
 
-BEGIN, END = "<!-- gpu-check: written by benchmarks/gpu_check.py -->", "<!-- /gpu-check -->"
+BEGIN, END = "<!-- gpu-check: written by benchmarks/gpu_check.py -->", "<!-- /gpu-check -->"  # as run_matrix's
 
 
 def format_rows(payload: dict) -> str:
     """The GPU section: run_matrix's own tables for the bench records, under the machine and versions."""
-    from unittest import mock
-
     import run_matrix  # benchmarks/run_matrix.py: the tables `make matrix` writes
 
     records = payload["records"]
-    # report() would also describe this machine's CPUs and load every backend for its GPU note: keep its tables
-    with mock.patch.object(run_matrix, "gpu_note", lambda: []):
-        full = run_matrix.report(records, [], Path(os.devnull))
-    lines = full.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
-    last = next((i for i, line in enumerate(lines) if line == "## GPUs"), len(lines))
-    tables = ["#" + line if line.startswith("## ") else line for line in lines[first:last]]
+    tables = ["#" + line if line.startswith("## ") else line for line in run_matrix.tables(records)]
     meta = payload["meta"]
     frameworks = sorted({r["framework"] for r in records})
     head = [BEGIN, f"## {meta['title']}", "",

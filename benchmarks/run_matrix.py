@@ -44,7 +44,9 @@ def main() -> int:
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--networks", default=",".join(NETWORKS))
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--backends", default=None, help="default: every available backend except numpy")
+    parser.add_argument("--backends", default=None,
+                        help="default: every available backend except numpy; BACKEND@DEVICE names a device "
+                             "(tinygrad@CPU,tinygrad@CL: both of tinygrad's CPU-side devices)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--tinygrad-beam", type=int, default=0, metavar="N",
                         help="also time tinygrad with BEAM=N at batch 16 on the --beam-networks (the first search "
@@ -64,28 +66,30 @@ def main() -> int:
     for network in filter(None, args.networks.split(",")):
         spec = portres.get(network)
         for batch in map(int, args.batches.split(",")):
-            for backend in names:
-                config = bench.BenchConfig(backend, spec.to_dict(), batch=batch, input_size=224, dtype="float32",
-                                           warmup=2, iters=args.iters if batch > 1 else 4 * args.iters)
+            for backend, device in map(backend_and_device, names):
+                config = bench.BenchConfig(backend, spec.to_dict(), device=device, batch=batch, input_size=224,
+                                           dtype="float32", warmup=2, iters=args.iters if batch > 1 else 4 * args.iters)
                 print(f"{network} batch {batch} {backend} ...", file=sys.stderr, flush=True)
                 try:
                     records.append(bench.run_in_subprocess(config))
                 except bench.BenchError as error:
                     failures.append(f"{network} batch {batch}: {error}")
-            if args.tinygrad_beam and batch > 1 and "tinygrad" in names and network in args.beam_networks.split(","):
-                config = dataclasses.replace(config, backend="tinygrad", beam=args.tinygrad_beam)
+            tinygrad_devices = [device for backend, device in map(backend_and_device, names) if backend == "tinygrad"]
+            if args.tinygrad_beam and batch > 1 and tinygrad_devices and network in args.beam_networks.split(","):
+                config = dataclasses.replace(config, backend="tinygrad", device=tinygrad_devices[-1],
+                                             beam=args.tinygrad_beam)
                 print(f"{network} batch {batch} tinygrad BEAM={args.tinygrad_beam} ...", file=sys.stderr, flush=True)
                 try:
                     records.append(bench.run_in_subprocess(config))
                 except bench.BenchError as error:
                     failures.append(f"{network} batch {batch} BEAM={args.tinygrad_beam}: {error}")
     training_names = args.training_backends.split(",") if args.training_backends else \
-        [name for name in names if name in backends.TRAINABLE]
+        [name for name in names if backend_and_device(name)[0] in backends.TRAINABLE]
     for row in filter(None, args.training.split(",")):
         network, size, batch, *only = row.split(":")  # network:input:batch[:backend+backend]
-        for backend in only[0].split("+") if only else training_names:
-            config = bench.BenchConfig(backend, portres.get(network).to_dict(), batch=int(batch), input_size=int(size),
-                                       dtype="float32", warmup=2, iters=args.iters, train=True)
+        for backend, device in map(backend_and_device, only[0].split("+") if only else training_names):
+            config = bench.BenchConfig(backend, portres.get(network).to_dict(), device=device, batch=int(batch),
+                                       input_size=int(size), dtype="float32", warmup=2, iters=args.iters, train=True)
             print(f"training {network} {size} batch {batch} {backend} ...", file=sys.stderr, flush=True)
             try:
                 records.append(bench.run_in_subprocess(config))
@@ -105,7 +109,9 @@ def main() -> int:
                     records.append({**record, "processes": record.get("processes", 1), "scaling": True})
                 except bench.BenchError as error:
                     failures.append(f"data parallel {network} {backend} x{processes}: {error}")
-    Path(args.output).write_text(report(records, failures, Path(args.log)))
+    output = Path(args.output)
+    kept = gpu_check_block(output.read_text()) if output.is_file() else ""
+    output.write_text(report(records, failures, Path(args.log), kept))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -136,7 +142,30 @@ def scaling_section(records: list[dict]) -> list[str]:
     return lines
 
 
-def report(records: list[dict], failures: list[str], log: Path) -> str:
+def backend_and_device(name: str) -> tuple[str, str | None]:
+    """``"tinygrad@CL"`` -> ``("tinygrad", "CL")``; a bare name leaves the device to the backend."""
+    backend, _, device = name.partition("@")
+    return backend, device or None
+
+
+# benchmarks/gpu_check.py writes its GPU rows between these lines; a matrix run here keeps them
+GPU_CHECK_BEGIN, GPU_CHECK_END = "<!-- gpu-check: written by benchmarks/gpu_check.py -->", "<!-- /gpu-check -->"
+
+
+def gpu_check_block(document: str) -> str:
+    """The GPU check's rows in ``document`` (markers included), or ``""``."""
+    start, end = document.find(GPU_CHECK_BEGIN), document.find(GPU_CHECK_END)
+    return document[start:end + len(GPU_CHECK_END)] + "\n" if 0 <= start < end else ""
+
+
+def row_name(record: dict) -> str:
+    """A row's backend, with its device where that is not the only CPU one (tinygrad's CPU and CL devices)."""
+    device = str(record.get("device") or "")
+    shown = record["backend"] + (f" {device}" if record["backend"] == "tinygrad" or device.lower() != "cpu" else "")
+    return shown + (f" (BEAM={record['beam']})" if record.get("beam") else "")
+
+
+def report(records: list[dict], failures: list[str], log: Path, gpu_rows: str = "") -> str:
     today = datetime.date.today().isoformat()
     frameworks = sorted({r["framework"] for r in records})
     blas = sorted({f"{r['backend']}: {r['blas']}" for r in records if r.get("blas")})
@@ -157,6 +186,20 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
         *[f"- BLAS {b}" for b in blas],
         "",
     ]
+    lines += tables(records)
+    if gpu_rows:
+        lines += [gpu_rows]
+    lines += ["## GPUs", "", *gpu_note(), ""]
+    if failures:
+        lines += ["## Cells that did not run", ""] + [f"- {f}" for f in failures] + [""]
+    if log.is_file():
+        lines += [log.read_text().replace("# Speed work log", "## Speed work log", 1)]
+    return "\n".join(lines) + "\n"
+
+
+def tables(records: list[dict]) -> list[str]:
+    """The report's tables (lines): one per network and mode, then the data-parallel one."""
+    lines = []
     scaling = [r for r in records if r.get("scaling")]
     records = [r for r in records if not r.get("scaling")]
     for network, training in dict.fromkeys((r["network"], r.get("train", False)) for r in records):
@@ -173,20 +216,14 @@ def report(records: list[dict], failures: list[str], log: Path) -> str:
             torch = next((r["images_per_s"] for r in same if r["backend"] == "torch"), None)
             for r in same:
                 ratio = f"{r['images_per_s'] / torch:.2f}x" if torch else "-"
-                name = r["backend"] + (f" (BEAM={r['beam']})" if r.get("beam") else "")
-                cells = [name, batch, f"{r['images_per_s']:.2f}", f"{r['latency_median_s'] * 1e3:.1f}",
+                cells = [row_name(r), batch, f"{r['images_per_s']:.2f}", f"{r['latency_median_s'] * 1e3:.1f}",
                          f"{r['latency_p90_s'] * 1e3:.1f}", f"{r['first_call_s']:.2f}", f"{r['gflop_per_s']:.1f}",
                          f"{r['peak_rss_bytes'] / 2**20:,.0f}", ratio]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines.append("")
     if scaling:
         lines += scaling_section(scaling)
-    lines += ["## GPUs", "", *gpu_note(), ""]
-    if failures:
-        lines += ["## Cells that did not run", ""] + [f"- {f}" for f in failures] + [""]
-    if log.is_file():
-        lines += [log.read_text().replace("# Speed work log", "## Speed work log", 1)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def gpu_note() -> list[str]:

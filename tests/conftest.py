@@ -19,6 +19,9 @@
   distinct architecture (REPRESENTATIVES, but the heavy ones), float64 forward parity, gradient parity of
   resnet20 and the small networks covering every layer kind, and the low-precision tests (OPENCL_TESTS).
 
+  Where it runs, the main run leaves those tests to it, but for the inner loop's (FAST_TINYGRAD on
+  resnet20), which stay on the CPU device: tinygrad's lowering is checked in depth on one device per run.
+
 Everywhere else tinygrad runs on the device a test names, or on its CPU device (``DEV=CPU`` below, unless
 the environment sets ``DEV``): the short compiles keep the main run within its time.
 
@@ -173,10 +176,17 @@ def _zoo_network(item) -> str | None:
     return network if isinstance(network, str) and network in zoo.names() else None
 
 
-def _in_default_tier(item) -> bool:
+def opencl_tier_runs() -> bool:
+    """Whether ``make test`` runs the --opencl tier after the main run (tinygrad finds an OpenCL device)."""
+    return os.environ.get("PORTRES_OPENCL_TIER", "auto") != "off" and opencl_problem() is None
+
+
+def _in_default_tier(item, opencl_tier: bool = False) -> bool:
     network = _zoo_network(item)
     frameworks = {value for value in _params(item).values()
                   if isinstance(value, str) and value != "numpy" and value in backends.NAMES}
+    if opencl_tier and "tinygrad" in frameworks and _in_opencl_tier(item):
+        return item.originalname in FAST_TINYGRAD and network in FAST_NETWORKS  # the rest: on CL
     if network is None or "tinygrad" not in frameworks:
         return True  # every other framework runs every zoo entry (deep twins and heavy ones on the reduced case)
     # tinygrad compiles every network anew: the zoo's forward parity on the representatives (but the heavy
@@ -219,7 +229,8 @@ def pytest_collection_modifyitems(config, items):
     elif FULL_ZOO:
         return
     else:
-        keep = _in_default_tier
+        opencl_tier = opencl_tier_runs()
+        keep = lambda item: _in_default_tier(item, opencl_tier)  # noqa: E731
     kept = [item for item in items if keep(item)]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept

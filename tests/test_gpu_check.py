@@ -238,3 +238,24 @@ def test_tinygrad_finds_the_nvrtc_of_torchs_cuda_wheels(tmp_path, monkeypatch):
         seen = subprocess.run([sys.executable, "-c", lookup], env={**clean, **variables}, capture_output=True,
                               text=True, timeout=60)
         assert seen.stdout.strip() == str(lib / "libnvrtc.so.13"), (variables, seen.stderr)
+
+
+def test_the_matrix_names_devices_and_keeps_the_gpu_checks_rows(tmp_path):
+    """`make matrix` rewrites BENCHMARKS.md: the GPU check's block survives it, and tinygrad's rows say which
+    of its devices ran (CPU or CL), as a GPU's rows do."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import run_matrix
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert run_matrix.backend_and_device("tinygrad@CL") == ("tinygrad", "CL")
+    assert run_matrix.backend_and_device("mlx") == ("mlx", None)
+    record = {"backend": "tinygrad", "device": "CL", "beam": 2}
+    assert run_matrix.row_name(record) == "tinygrad CL (BEAM=2)"
+    assert run_matrix.row_name({"backend": "torch", "device": "cpu"}) == "torch"
+    assert run_matrix.row_name({"backend": "torch", "device": "cuda"}) == "torch cuda"
+    block = f"{run_matrix.GPU_CHECK_BEGIN}\n## H200\n| rows |\n{run_matrix.GPU_CHECK_END}"
+    document = f"# Benchmarks\n\n{block}\n## GPUs\n"
+    assert run_matrix.gpu_check_block(document) == block + "\n"
+    assert run_matrix.gpu_check_block("# Benchmarks\n") == ""
+    assert block in run_matrix.report([], [], tmp_path / "no-log.md", run_matrix.gpu_check_block(document))
