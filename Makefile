@@ -26,7 +26,7 @@ bench: setup
 	$(BIN)/portres bench --backend mlx --depth 50
 
 test: setup
-	$(EXPECT) $(BIN)/python -m pytest -q
+	$(EXPECT) $(BIN)/python -m pytest -q --durations=25
 	@$(MAKE) --no-print-directory test-opencl
 
 # tinygrad's parity and gradient suites on its OpenCL device (pocl on a CPU-only machine), where it has one; the main

@@ -106,11 +106,11 @@ class AbstractBackend:
     sync_bn = False
 
     @classmethod
-    def default_device(cls, macs_per_call: float | None = None) -> str | None:
-        """The device this backend picks when none is given, for work of ``macs_per_call`` multiply-adds
-        per call (``None``: unknown); ``None``: the framework's own default (tinygrad chooses by the work).
+    def default_device(cls, training_macs_per_step: float | None = None) -> str | None:
+        """The device this backend picks when none is given: for inference (``None``), or for training steps
+        of ``training_macs_per_step`` multiply-adds; ``None``: the framework's own default (tinygrad chooses).
 
-            >>> backends.load("tinygrad").Backend.default_device(16 * 4.1e9)   # 'CL' on a CPU-only machine with pocl
+            >>> backends.load("tinygrad").Backend.default_device()   # 'CL' on a CPU-only machine with pocl
         """
         return None
 

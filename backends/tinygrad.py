@@ -30,10 +30,13 @@ DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtyp
 
 # tinygrad devices that are not the host CPU (CL is either: see opencl_device)
 ACCELERATORS = ("METAL", "AMD", "NV", "CUDA", "QCOM", "WEBGPU")
-# Work per call from which pocl's OpenCL CPU device (every core) beats tinygrad's CPU device (one worker
-# thread, clang) on a CPU-only machine; below it the CPU device's shorter compiles and launches win.
-# Measured on 2-core Xeon/EPYC VMs: benchmarks/perf_log.md, "tinygrad on OpenCL".
-CL_MIN_MACS_PER_CALL = 2e9
+# On a CPU-only machine, pocl's OpenCL CPU device (every core) ran every steady-state pass measured 1.4-1.9x
+# faster than tinygrad's CPU device (one worker thread): ResNet-50 b16 4.37 vs 2.72 img/s, ResNet-20 8x8 b64
+# 4199 vs 2862, its training step at b128 59.5 vs 35.1. Its compiles of inference graphs take as long (9.2 vs
+# 8.9 s), of training steps twice as long (54 vs 24 s): training whose steps are smaller than this stays on the
+# CPU device, where a short run (digits: ResNet-20 at 8x8) is over before the faster steps repay the compiles.
+# Measured on a 2-core Xeon (AVX-512): benchmarks/perf_log.md, "tinygrad on OpenCL".
+CL_MIN_TRAINING_MACS_PER_STEP = 2e9
 
 
 def devices() -> list[str]:
@@ -96,13 +99,13 @@ def _tinygrad_default() -> str:
             os.environ.pop("DEV", None)
 
 
-def default_device(macs_per_call: float | None = None) -> str:
+def default_device(training_macs_per_step: float | None = None) -> str:
     """The device portres runs tinygrad on when none is given: the user's ``DEV=...``; else a GPU where
-    there is one; else, on a CPU-only machine, an OpenCL CPU device (pocl: every core) for work of
-    ``macs_per_call`` >= CL_MIN_MACS_PER_CALL multiply-adds per call (or unknown work), and tinygrad's
-    CPU device (one worker thread, but shorter compiles) for less.
+    there is one; else, on a CPU-only machine, an OpenCL CPU device (pocl: every core) for inference and for
+    training steps of ``training_macs_per_step`` >= CL_MIN_TRAINING_MACS_PER_STEP multiply-adds, and
+    tinygrad's CPU device (one worker thread, but half the compile time of a training step) for smaller steps.
 
-        >>> default_device(16 * 4.1e9), default_device(64 * 2.6e6)    # with pocl, no GPU
+        >>> default_device(), default_device(3 * 64 * 2.6e6)    # with pocl, no GPU: inference; digits training
         ('CL', 'CPU')
     """
     chosen = _tinygrad_default()
@@ -113,14 +116,15 @@ def default_device(macs_per_call: float | None = None) -> str:
         return chosen  # tinygrad's CPU device, or an OpenCL GPU
     if shutil.which("clang") is None:
         return chosen  # tinygrad's CPU device compiles with clang
-    small = macs_per_call is not None and macs_per_call < CL_MIN_MACS_PER_CALL
+    small = training_macs_per_step is not None and training_macs_per_step < CL_MIN_TRAINING_MACS_PER_STEP
     return "CPU" if small or opencl.compute_units < 2 else chosen
 
 
 def info() -> dict:
     record = {"framework": f"tinygrad {importlib.metadata.version('tinygrad')}", "devices": devices(),
               "default_device": default_device(),
-              "default_device_rule": (f"{default_device(0)} below {CL_MIN_MACS_PER_CALL:.0e} multiply-adds per call"
+              "default_device_rule": (f"{default_device(0)} for training steps under "
+                                      f"{CL_MIN_TRAINING_MACS_PER_STEP:.0e} multiply-adds"
                                       if default_device(0) != default_device() else None)}
     if (opencl := opencl_device()) is not None:
         record["opencl"] = opencl.describe()
@@ -217,8 +221,8 @@ class Backend(AbstractBackend):
             raise ValueError(f"{problem}; use float32 or float16{hint}")
 
     @classmethod
-    def default_device(cls, macs_per_call: float | None = None) -> str:
-        return default_device(macs_per_call)
+    def default_device(cls, training_macs_per_step: float | None = None) -> str:
+        return default_device(training_macs_per_step)
 
     @property
     def accelerator(self) -> bool:

@@ -40,13 +40,13 @@ def default_batch(accelerator: bool) -> int:
 
 def _device_for(module, spec, config: BenchConfig) -> str | None:
     """The device to time on: the one asked for, else the backend's default for this work (tinygrad picks
-    OpenCL's every-core CPU device or its one-thread CPU device by the multiply-adds per call)."""
+    its one-thread CPU device over OpenCL's every-core one for small training steps only)."""
     from .analysis import summary
 
-    if config.device is not None:
+    if config.device is not None or not config.train:
         return config.device
-    macs = summary(spec, config.input_size).macs * (config.batch or default_batch(False)) * (3 if config.train else 1)
-    return module.Backend.default_device(macs)
+    batch = config.batch or default_batch(False)
+    return module.Backend.default_device(3 * summary(spec, config.input_size).macs * batch)
 
 
 @dataclasses.dataclass

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .analysis import check_input_size, summary
+from .analysis import check_input_size
 from .plan import INPUT, Op, Plan, make_plan
 from .rewrites import fold_batch_norm
 from .spec import ResNetSpec
 from .walker import apply_op, run_plan
 from .weights import WeightsError, init_params, load_weights
-from .zoo import default_input_size
 from .zoo import resolve as resolve_spec
 
 
@@ -235,8 +234,6 @@ def build(spec, backend: str = "numpy", params=None, *, device: str | None = Non
 
     spec = resolve_spec(spec)
     module = backends.load(backend, device)
-    if device is None:  # the backend's pick for this network's work: one image at its usual input size
-        device = module.Backend.default_device(summary(spec, default_input_size(spec)).macs)
     lowering = module.Backend(device=device, dtype=dtype, **backend_options)
     fold = module.FOLD_BATCH_NORM if fold_batch_norm_into_conv is None else fold_batch_norm_into_conv
     spec, plan, params = plan_and_params(spec, params, seed=seed, fold=fold)

@@ -36,55 +36,56 @@ def fake_machine(monkeypatch, tinygrad, *, first: str, opencl=None, user_dev: st
     monkeypatch.setattr(tinygrad.shutil, "which", lambda name: "/usr/bin/clang" if clang else None)
 
 
-RESNET50_B16 = 16 * 4.1e9
-DIGITS_RESNET20_B64 = 64 * 2.6e6
+RESNET20_B128_STEP = 3 * 128 * 4.1e7  # a CIFAR training step: forward and backward, about three passes
+DIGITS_RESNET20_B64_STEP = 3 * 64 * 2.6e6  # portres train --data digits: 8x8 images
 
 
-def test_on_a_cpu_only_machine_with_pocl_large_work_goes_to_every_core_and_small_work_to_the_cpu_device(
-        monkeypatch, tinygrad):
+def test_on_a_cpu_only_machine_with_pocl_inference_and_large_steps_go_to_every_core(monkeypatch, tinygrad):
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2))
-    assert tinygrad.default_device(RESNET50_B16) == "CL"
-    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CPU"
-    assert tinygrad.default_device(tinygrad.CL_MIN_MACS_PER_CALL) == "CL"
-    assert tinygrad.default_device(None) == "CL"  # unknown work: the device that uses every core
+    assert tinygrad.default_device() == "CL"  # inference: OpenCL's every-core device compiles as fast
+    assert tinygrad.default_device(RESNET20_B128_STEP) == "CL"
+    assert tinygrad.default_device(tinygrad.CL_MIN_TRAINING_MACS_PER_STEP) == "CL"
+    assert tinygrad.default_device(DIGITS_RESNET20_B64_STEP) == "CPU"  # compiles twice as fast there
 
 
 def test_a_gpu_is_the_default_whatever_the_work(monkeypatch, tinygrad):
     fake_machine(monkeypatch, tinygrad, first="CUDA", opencl=pocl(2))
-    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CUDA"
+    assert tinygrad.default_device(DIGITS_RESNET20_B64_STEP) == "CUDA"
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(64, kind="GPU"))
-    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"
+    assert tinygrad.default_device(DIGITS_RESNET20_B64_STEP) == "CL"
 
 
 def test_the_users_dev_wins(monkeypatch, tinygrad):
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), user_dev="CPU")
-    assert tinygrad.default_device(RESNET50_B16) == "CPU"
+    assert tinygrad.default_device(RESNET20_B128_STEP) == "CPU"
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), user_dev="CL")
-    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"
+    assert tinygrad.default_device(DIGITS_RESNET20_B64_STEP) == "CL"
 
 
 def test_one_core_or_no_clang_or_no_opencl(monkeypatch, tinygrad):
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(1))
-    assert tinygrad.default_device(RESNET50_B16) == "CPU"  # nothing to spread over
+    assert tinygrad.default_device(RESNET20_B128_STEP) == "CPU"  # nothing to spread over
     fake_machine(monkeypatch, tinygrad, first="CL", opencl=pocl(2), clang=False)
-    assert tinygrad.default_device(DIGITS_RESNET20_B64) == "CL"  # the CPU device cannot compile
+    assert tinygrad.default_device(DIGITS_RESNET20_B64_STEP) == "CL"  # the CPU device cannot compile
     fake_machine(monkeypatch, tinygrad, first="CPU")
-    assert tinygrad.default_device(RESNET50_B16) == "CPU"
+    assert tinygrad.default_device(RESNET20_B128_STEP) == "CPU"
 
 
-def test_build_and_bench_ask_for_the_work_at_hand(monkeypatch, tinygrad):
+def test_training_and_bench_ask_for_the_work_at_hand(monkeypatch, tinygrad):
     import portres
     from portres import bench
+    from portres.training.grads import training_backend
 
     asked = []
-    pick = classmethod(lambda cls, macs=None: asked.append(macs) or "CPU")
+    pick = classmethod(lambda cls, training_macs_per_step=None: asked.append(training_macs_per_step) or "CPU")
     monkeypatch.setattr(tinygrad.Backend, "default_device", pick)
-    assert portres.build("resnet20", "tinygrad").backend.device == "CPU"
-    assert asked[-1] == portres.summary("resnet20", 32).macs  # one image at its usual size
+    assert training_backend("tinygrad", macs_per_step=1e6).device == "CPU" and asked[-1] == 1e6
     config = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), input_size=64, batch=4, train=True)
     assert bench._device_for(tinygrad, portres.get("resnet50"), config) == "CPU"
     assert asked[-1] == portres.summary("resnet50", 64).macs * 4 * 3  # a training step: three passes of work
-    named = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), device="CL")
+    inference = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict())
+    assert bench._device_for(tinygrad, portres.get("resnet50"), inference) is None  # the backend's own default
+    named = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), device="CL", train=True)
     assert bench._device_for(tinygrad, portres.get("resnet50"), named) == "CL"
 
 

@@ -62,7 +62,7 @@ def training_backend(backend: str, device: str | None = None, dtype: str | None 
                                           f"{', '.join(backends.TRAINABLE)}")
     module = backends.load(backend, device)
     if device is None:
-        device = module.Backend.default_device(macs_per_step)
+        device = module.Backend.default_device(training_macs_per_step=macs_per_step)
     lowering = module.Backend(device=device, dtype=dtype)
     if lowering.dtype not in ("float32", "float64"):
         raise ValueError(f"training runs in float32 (or float64, for checks), not {lowering.dtype}")
