@@ -38,17 +38,6 @@ def default_batch(accelerator: bool) -> int:
     return 64 if accelerator else 16
 
 
-def _device_for(module, spec, config: BenchConfig) -> str | None:
-    """The device to time on: the one asked for, else the backend's default for this work (tinygrad picks
-    its one-thread CPU device over OpenCL's every-core one for small training steps only)."""
-    from .analysis import summary
-
-    if config.device is not None or not config.train:
-        return config.device
-    batch = config.batch or default_batch(False)
-    return module.Backend.default_device(3 * summary(spec, config.input_size).macs * batch)
-
-
 @dataclasses.dataclass
 class BenchConfig:
     backend: str  # backend name
@@ -185,8 +174,6 @@ def run_benchmark(config: BenchConfig) -> dict:
     if group is not None and group.rank != 0:
         progress = _Silent()
     module = backends.load(config.backend, config.device)
-    if group is None:  # a rank's device is its group's to place
-        config = dataclasses.replace(config, device=_device_for(module, spec, config))
     rss_start = _peak_rss_bytes()
     started = time.perf_counter()
     if config.train:
@@ -263,6 +250,7 @@ def _inference_pass(spec, config: BenchConfig):
 def _training_pass(spec, config: BenchConfig, group=None):
     """One SGD step (momentum 0.9, weight decay 1e-4: the CIFAR recipe) per pass, on a fixed batch; with a
     data-parallel ``group``, this rank's step (its own batch, gradients averaged over the ranks)."""
+    from .analysis import summary
     from .model import check_images
     from .plan import make_plan
     from .training.grads import soft_targets, training_backend
@@ -271,7 +259,9 @@ def _training_pass(spec, config: BenchConfig, group=None):
     from .weights import init_params
 
     plan = make_plan(spec)
-    backend = training_backend(config.backend, config.device, config.dtype)
+    # the step's work, for a backend that picks its device by it (tinygrad: small steps on its CPU device)
+    macs_per_step = 3 * summary(spec, config.input_size).macs * (config.batch or default_batch(False))
+    backend = training_backend(config.backend, config.device, config.dtype, macs_per_step)
     if group is not None:
         backend = group.wrap(training_backend(config.backend, group.local_device(config.device), config.dtype),
                              sync_bn=False)

@@ -80,13 +80,15 @@ def test_training_and_bench_ask_for_the_work_at_hand(monkeypatch, tinygrad):
     pick = classmethod(lambda cls, training_macs_per_step=None: asked.append(training_macs_per_step) or "CPU")
     monkeypatch.setattr(tinygrad.Backend, "default_device", pick)
     assert training_backend("tinygrad", macs_per_step=1e6).device == "CPU" and asked[-1] == 1e6
-    config = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), input_size=64, batch=4, train=True)
-    assert bench._device_for(tinygrad, portres.get("resnet50"), config) == "CPU"
-    assert asked[-1] == portres.summary("resnet50", 64).macs * 4 * 3  # a training step: three passes of work
-    inference = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict())
-    assert bench._device_for(tinygrad, portres.get("resnet50"), inference) is None  # the backend's own default
-    named = bench.BenchConfig("tinygrad", portres.get("resnet50").to_dict(), device="CL", train=True)
-    assert bench._device_for(tinygrad, portres.get("resnet50"), named) == "CL"
+    config = bench.BenchConfig("tinygrad", portres.get("resnet20").to_dict(), input_size=16, batch=4, train=True)
+    _, backend, _ = bench._training_pass(portres.get("resnet20"), config)
+    assert backend.device == "CPU"
+    assert asked[-1] == portres.summary("resnet20", 16).macs * 4 * 3  # a training step: three passes of work
+    named = bench.BenchConfig("tinygrad", portres.get("resnet20").to_dict(), device="CPU", input_size=16, batch=4,
+                              train=True)
+    asked.clear()
+    _, backend, _ = bench._training_pass(portres.get("resnet20"), named)
+    assert asked == [] and backend.device == "CPU"  # a device asked for is not second-guessed
 
 
 def test_choosing_leaves_no_dev_behind_for_child_processes():
