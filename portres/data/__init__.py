@@ -23,7 +23,14 @@ from .cifar import default_data_dir, load_cifar10, load_cifar100
 from .dataset import DataError, Dataset, channel_stats, check_fits, fit_spec, normalize
 from .digits import load_digits
 from .folder import load_folder
-from .streaming import ImageFolder, evaluate_stream, scan_image_folder, stream_batches
+from .streaming import (
+    ImageFolder,
+    StreamedFolder,
+    evaluate_stream,
+    open_streamed_folder,
+    scan_image_folder,
+    stream_batches,
+)
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {}  # name -> loader(data_dir, **options)
 
@@ -86,8 +93,8 @@ register("digits", _ignores_data_dir(load_digits))
 register("folder", load_folder)
 
 __all__ = [
-    "BatchIterator", "DataError", "Dataset", "ImageFolder", "augment", "batches", "channel_stats", "check_fits",
-    "default_data_dir", "epoch_order", "evaluate_stream", "fit_spec", "load", "load_cifar10", "load_cifar100",
-    "load_digits", "load_folder", "make_batch", "names", "normalize", "num_batches", "options", "register",
-    "scan_image_folder", "stream_batches",
+    "BatchIterator", "DataError", "Dataset", "ImageFolder", "StreamedFolder", "augment", "batches", "channel_stats",
+    "check_fits", "default_data_dir", "epoch_order", "evaluate_stream", "fit_spec", "load", "load_cifar10",
+    "load_cifar100", "load_digits", "load_folder", "make_batch", "names", "normalize", "num_batches",
+    "open_streamed_folder", "options", "register", "scan_image_folder", "stream_batches",
 ]
