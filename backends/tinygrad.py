@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,16 @@ ACCELERATORS = ("METAL", "AMD", "NV", "CUDA", "QCOM", "WEBGPU")
 # CPU device, where a short run (digits: ResNet-20 at 8x8) is over before the faster steps repay the compiles.
 # Measured on a 2-core Xeon (AVX-512): benchmarks/perf_log.md, "tinygrad on OpenCL".
 CL_MIN_TRAINING_MACS_PER_STEP = 2e9
+# BEAM on pocl's CPU device: the search times each candidate kernel alone, and those times did not predict the
+# kernels' speed in the network: ResNet-20 32x32 b16 after a 28-minute search ran at 0.63-0.66x of tinygrad's
+# hand-coded kernels (0.73x timing candidates at full size); on tinygrad's CPU device BEAM bought 1.7x (ResNet-50).
+BEAM_ON_OPENCL_CPU = ("tinygrad's BEAM search on an OpenCL CPU device (pocl) chose slower kernels than tinygrad's "
+                      "own in portres's measurements (ResNet-20: 0.65x after a 28-minute search; BENCHMARKS.md); "
+                      "for BEAM on this machine use --device CPU")
+
+
+class BeamSearchWarning(RuntimeWarning):
+    """A BEAM search that is expected to cost time without making kernels faster."""
 
 
 def devices() -> list[str]:
@@ -237,7 +248,11 @@ class Backend(AbstractBackend):
     def search_kernels(self, beam: int) -> None:
         """tinygrad's BEAM search, ``beam`` wide, for the kernels compiled from now on in this process
         (its results are cached on disk); 0: off. As the environment variable BEAM, which tinygrad reads
-        when it is imported."""
+        when it is imported. On an OpenCL CPU device (pocl) it warns first: there the search chose slower
+        kernels than tinygrad's own (BEAM_ON_OPENCL_CPU)."""
+        opencl = opencl_device(self.device) if self.device.split(":")[0] == "CL" else None
+        if beam and opencl is not None and opencl.kind == "CPU":
+            warnings.warn(BEAM_ON_OPENCL_CPU, BeamSearchWarning, stacklevel=2)
         BEAM.value = beam
 
     # -- arrays and parameters --

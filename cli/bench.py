@@ -23,7 +23,8 @@ from .app import backend_list, load_spec, main, table
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed passes.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed passes.")
 @click.option("--beam", type=click.IntRange(min=0), default=0, show_default=True,
-              help="tinygrad BEAM search width (kernels cached on disk; 0: off).")
+              help="tinygrad BEAM search width (kernels cached on disk; 0: off). It pays on --device CPU, "
+                   "not on pocl's CL device.")
 @click.option("--profile", is_flag=True, help="Also time each op kind, op by op.")
 @click.option("--train", is_flag=True, help="Time training steps (forward, backward, SGD update) instead.")
 @click.option("--processes", "process_counts",

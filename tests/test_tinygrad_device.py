@@ -137,3 +137,22 @@ def test_a_device_that_is_not_tinygrads_default_holds_every_tensor_of_a_train_st
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["CPU", "CPU"]
+
+
+def test_beam_on_an_opencl_cpu_device_warns_that_it_chose_slower_kernels(monkeypatch, tinygrad):
+    import warnings
+
+    monkeypatch.setattr(tinygrad.BEAM, "value", tinygrad.BEAM.value)  # search_kernels sets tinygrad's global
+    backend = tinygrad.Backend(device="CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.search_kernels(2)  # tinygrad's CPU device: BEAM pays there
+        assert tinygrad.BEAM.value == 2
+        monkeypatch.setattr(backend, "device", "CL")
+        monkeypatch.setattr(tinygrad, "opencl_device", pocl(64, kind="GPU"))
+        backend.search_kernels(2)  # an OpenCL GPU
+        monkeypatch.setattr(tinygrad, "opencl_device", pocl(2))
+        backend.search_kernels(0)  # turning the search off
+    with pytest.warns(tinygrad.BeamSearchWarning, match="--device CPU"):
+        backend.search_kernels(1)
+    assert tinygrad.BEAM.value == 1  # a warning, not a refusal: the user asked for it
