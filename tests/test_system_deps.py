@@ -1,7 +1,8 @@
 """`.ci/system-deps` (run by `make setup`) installs an OpenCL CPU runtime only where no OpenCL driver is
-registered: an ICD file whose library is there, named by path or by bare file name (Debian's pocl.icd names
-libpocl.so.2.10.0, which `ldconfig -p` lists only as libpocl.so.2). Faked machines: `ldconfig`, `apt-get`,
-`id` and `clang` are stand-ins on PATH, the ICD files a temporary OCL_ICD_VENDORS directory."""
+registered - an ICD file whose library is there, named by path or by bare file name (Debian's pocl.icd names
+libpocl.so.2.10.0, which `ldconfig -p` lists only as libpocl.so.2) - and the ICD loader where it is missing.
+Faked machines: `ldconfig`, `apt-get`, `id` and `clang` are stand-ins on PATH, the ICD files a temporary
+OCL_ICD_VENDORS directory."""
 
 from __future__ import annotations
 
@@ -45,22 +46,29 @@ def run_setup(tmp_path, icd_lines: dict[str, str], libraries: list[str], files: 
     return [line for line in (calls.read_text().splitlines() if calls.exists() else []) if " install " in line]
 
 
-BLAS = ["libopenblas.so.0"]
+BLAS = ["libopenblas.so.0", "libOpenCL.so.1"]  # OpenBLAS and the OpenCL ICD loader are there
 
 
 def test_a_driver_named_by_its_bare_versioned_file_name_counts(tmp_path):
     installs = run_setup(tmp_path, {"pocl.icd": "libpocl.so.2.10.0"}, BLAS + ["libpocl.so.2"],
-                         ["libopenblas.so.0", "libpocl.so.2", "libpocl.so.2.10.0"])
+                         ["libpocl.so.2", "libpocl.so.2.10.0"])
     assert installs == []
 
 
 def test_a_driver_named_by_path_counts(tmp_path):
-    assert run_setup(tmp_path, {"intel.icd": "LIB/libintelocl.so"}, BLAS, ["libopenblas.so.0", "libintelocl.so"]) == []
+    assert run_setup(tmp_path, {"intel.icd": "LIB/libintelocl.so"}, BLAS, ["libintelocl.so"]) == []
 
 
 @pytest.mark.parametrize("icd_lines", [{}, {"pocl.icd": "libpocl.so.2.10.0"}, {"gone.icd": "LIB/libgone.so"}],
                          ids=["no ICD file", "a removed package's ICD file", "a path that is gone"])
 def test_without_a_working_driver_pocl_is_installed(tmp_path, icd_lines):
-    installs = run_setup(tmp_path, icd_lines, BLAS, ["libopenblas.so.0"])
+    installs = run_setup(tmp_path, icd_lines, BLAS, [])
     assert len(installs) == 1 and "pocl-opencl-icd" in installs[0].split(), installs
-    assert "libopenblas0-pthread" not in installs[0].split()
+    assert not {"libopenblas0-pthread", "ocl-icd-libopencl1"} & set(installs[0].split())
+
+
+def test_a_driver_without_the_icd_loader_gets_the_loader(tmp_path):
+    installs = run_setup(tmp_path, {"pocl.icd": "libpocl.so.2.10.0"}, ["libopenblas.so.0", "libpocl.so.2"],
+                         ["libpocl.so.2.10.0"])
+    assert len(installs) == 1 and "ocl-icd-libopencl1" in installs[0].split(), installs
+    assert "pocl-opencl-icd" not in installs[0].split()
